@@ -1,0 +1,239 @@
+"""Calibrate CHESS, CATS and attention thresholds on text, in MLX.
+
+Per layer, on the dense model (see the project's chess-reference.md):
+  m_i      = E|a_up_i| over all calibration tokens            (pass 1)
+  CATS     = quantile_s(|a_gate|)                              (pass 1)
+  q, o     = quantile_s(|input|) of q_proj and o_proj          (pass 1)
+  tau_imp  = quantile_s(|a_gate| * m),  tau_i = tau_imp / m_i  (pass 2)
+Quantiles are taken per window (windows never cross documents) and averaged
+over windows weighted by their token counts. Every sparsity is computed in the
+same passes. Only per-window scalars and per-channel sums are kept, so memory
+does not grow with the number of tokens.
+"""
+
+import argparse
+import datetime
+import json
+from typing import Dict, List, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .data import load_documents, token_windows
+from .errors import ChessError
+from .sparsify import ACTIVATIONS, model_layers, unsparsify
+from .thresholds import Thresholds, check_destination, model_identity
+from .utils import add_model_args, cli_errors, load_from_args
+
+STATISTICS = ("mean_abs", "rms")
+
+
+def quantiles(values: mx.array, levels: mx.array) -> mx.array:
+    """Quantiles of all entries of ``values`` (linear interpolation, as numpy)."""
+    flat = mx.sort(values.reshape(-1).astype(mx.float32))
+    position = levels * (flat.size - 1)
+    low = mx.floor(position).astype(mx.int32)
+    high = mx.minimum(low + 1, flat.size - 1)
+    fraction = position - low
+    return flat[low] * (1 - fraction) + flat[high] * fraction
+
+
+class LayerStats:
+    """Running statistics of one layer: weighted quantile sums, channel sums."""
+
+    def __init__(self, levels: mx.array, statistic: str):
+        self.levels = levels
+        self.statistic = statistic
+        self.sums: Dict[str, mx.array] = {}
+        self.up_sum = None
+        self.up_stat = None  # m, set between the passes
+
+    def add(self, name: str, value: mx.array):
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def observe_input(self, name: str, x: mx.array):
+        if self.up_stat is not None:
+            return  # attention thresholds are complete after pass 1
+        tokens = x.size // x.shape[-1]
+        self.add(name, quantiles(mx.abs(x), self.levels) * tokens)
+
+    def observe_mlp(self, gate: mx.array, up: mx.array):
+        tokens = gate.size // gate.shape[-1]
+        gate = mx.abs(gate.astype(mx.float32)).reshape(tokens, -1)
+        if self.up_stat is None:
+            up = up.astype(mx.float32).reshape(tokens, -1)
+            up = mx.abs(up) if self.statistic == "mean_abs" else mx.square(up)
+            self.add("up", up.sum(axis=0))
+            self.add("cats", quantiles(gate, self.levels) * tokens)
+        else:
+            self.add("chess", quantiles(gate * self.up_stat, self.levels) * tokens)
+
+    def finish_first_pass(self, num_tokens: int):
+        up = self.sums.pop("up") / num_tokens
+        if self.statistic == "rms":
+            up = mx.sqrt(up)
+        # A channel whose up projection is always zero contributes nothing
+        # whatever its gate; the floor keeps its threshold finite.
+        self.up_stat = mx.maximum(up, 1e-12)
+
+
+class MLPRecorder(nn.Module):
+    def __init__(self, dense: nn.Module, activation, stats: LayerStats):
+        super().__init__()
+        self.dense = dense
+        self._activation = activation
+        self._stats = stats
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = self._activation(self.dense.gate_proj(x))
+        up = self.dense.up_proj(x)
+        self._stats.observe_mlp(gate, up)
+        return self.dense.down_proj(gate * up)
+
+
+class InputRecorder(nn.Module):
+    def __init__(self, dense: nn.Module, name: str, stats: LayerStats):
+        super().__init__()
+        self.dense = dense
+        self._name = name
+        self._stats = stats
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self._stats.observe_input(self._name, x)
+        return self.dense(x)
+
+
+def install_recorders(model: nn.Module, stats: List[LayerStats]):
+    activation = ACTIVATIONS[model.model_type]
+    for layer, layer_stats in zip(model.layers, stats):
+        layer.mlp = MLPRecorder(layer.mlp, activation, layer_stats)
+        attn = layer.self_attn
+        attn.q_proj = InputRecorder(attn.q_proj, "q_proj", layer_stats)
+        attn.o_proj = InputRecorder(attn.o_proj, "o_proj", layer_stats)
+
+
+def remove_recorders(model: nn.Module):
+    for layer in model.layers:
+        layer.mlp = layer.mlp.dense
+        attn = layer.self_attn
+        attn.q_proj, attn.o_proj = attn.q_proj.dense, attn.o_proj.dense
+
+
+def run_pass(model, windows, stats, description: str, progress: bool):
+    # The decoder body without the LM head: logits are not needed here.
+    body = getattr(model, "model", model)
+    total = sum(len(w) for w in windows)
+    with tqdm(total=total, desc=description, unit="tok", disable=not progress) as bar:
+        for window in windows:
+            body(mx.array(window)[None])
+            mx.eval([s.sums for s in stats])
+            bar.update(len(window))
+
+
+def calibrate(
+    model: nn.Module,
+    windows: Sequence[Sequence[int]],
+    sparsities: Sequence[float],
+    statistic: str = "mean_abs",
+    progress: bool = True,
+) -> Thresholds:
+    """Thresholds for every layer of ``model`` at each target sparsity."""
+    if statistic not in STATISTICS:
+        raise ChessError(f"unknown statistic '{statistic}' (choose from {', '.join(STATISTICS)})")
+    for s in sparsities:
+        if not 0 < s < 1:
+            raise ChessError(f"calibration sparsities must be in (0, 1), got {s}")
+    layers = model_layers(model)
+    unsparsify(model)
+    levels = mx.array(sorted(sparsities), dtype=mx.float32)
+    stats = [LayerStats(levels, statistic) for _ in layers]
+    num_tokens = sum(len(w) for w in windows)
+    if num_tokens == 0:
+        raise ChessError("no calibration tokens")
+    install_recorders(model, stats)
+    try:
+        run_pass(model, windows, stats, "calibration pass 1/2", progress)
+        for s in stats:
+            s.finish_first_pass(num_tokens)
+        run_pass(model, windows, stats, "calibration pass 2/2", progress)
+    finally:
+        remove_recorders(model)
+
+    def stacked(name):
+        return np.stack([np.array(s.sums[name] / num_tokens) for s in stats])
+
+    up_stat = np.stack([np.array(s.up_stat) for s in stats])
+    tau_imp = stacked("chess")
+    return Thresholds(
+        sparsities=np.array(levels),
+        up_stat=up_stat,
+        chess=tau_imp[:, :, None] / up_stat[:, None, :],
+        cats=stacked("cats"),
+        q_proj=stacked("q_proj"),
+        o_proj=stacked("o_proj"),
+        metadata={
+            "chess_mlx_version": __version__,
+            "identity": json.dumps(model_identity(model)),
+            "statistic": statistic,
+            "aggregation": "per-window quantiles (linear), token-weighted mean over windows",
+            "methods": "cats,chess,chess+",
+            "tokens": str(num_tokens),
+            "windows": str(len(windows)),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def parse_sparsities(text: str) -> List[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ChessError(f"--sparsity expects comma-separated numbers, got '{text}'") from None
+    for s in values:
+        if not 0 < s < 1:
+            raise ChessError(f"sparsity must be in (0, 1) for calibration, got {s:g}")
+    return sorted(set(values))
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Calibrate CHESS thresholds for an MLX model.")
+    add_model_args(parser)
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="Text files (WikiText or blank-line separated), JSONL files with a 'text' field, or 'c4'")
+    parser.add_argument("--documents", default=None,
+                        help="Use a slice of the documents, e.g. ':30' for the first 30")
+    parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
+    parser.add_argument("--tokens", type=int, default=65536, help="Calibration tokens")
+    parser.add_argument("--window", type=int, default=2048, help="Tokens per window (windows never cross documents)")
+    parser.add_argument("--statistic", choices=STATISTICS, default="mean_abs",
+                        help="Per-channel statistic of |a_up|: E|a_up| (paper, 2025 code) or sqrt(E[a_up^2]) (2024 code)")
+    parser.add_argument("--out", required=True, help="Output thresholds file (.safetensors)")
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    with cli_errors("chess_mlx.calibrate"):
+        sparsities = parse_sparsities(args.sparsity)
+        if args.tokens <= 0:
+            raise ChessError(f"--tokens must be positive, got {args.tokens}")
+        check_destination(args.out)
+        documents = load_documents(args.data, args.documents)
+        model, tokenizer, name = load_from_args(args)
+        windows = token_windows(documents, tokenizer, args.window, args.tokens)
+        thresholds = calibrate(model, windows, sparsities, args.statistic)
+        thresholds.metadata.update(
+            model=name,
+            data=" ".join(args.data) + (f" documents[{args.documents}]" if args.documents else ""),
+            window=str(args.window),
+        )
+        thresholds.save(args.out)
+        print(f"Wrote thresholds for {len(model.layers)} layers at sparsities "
+              f"{', '.join(f'{s:g}' for s in sparsities)} ({args.tokens} tokens) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

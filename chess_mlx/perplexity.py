@@ -1,0 +1,91 @@
+"""Perplexity of a (sparsified) model on held-out text.
+
+    python -m chess_mlx.perplexity --data wikitext-2-valid.txt --documents 30: \\
+        --methods dense,cats,chess,chess+ --sparsity 0.3,0.5,0.7
+"""
+
+import argparse
+import math
+from typing import Dict, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .calibrate import parse_sparsities
+from .data import load_documents, token_windows
+from .errors import ChessError
+from .sparsify import METHODS, sparsify, track_sparsity, unsparsify
+from .thresholds import load_thresholds
+from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
+
+
+def window_nll(model: nn.Module, window: Sequence[int]) -> mx.array:
+    """Summed negative log-likelihood of tokens 1.. of ``window``."""
+    tokens = mx.array(window)[None]
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="sum")
+
+
+def eval_ppl(model: nn.Module, windows: Sequence[Sequence[int]], progress: bool = True) -> Dict[str, float]:
+    """Perplexity over windows (each scored independently) with the standard
+    error of the mean token loss, estimated from per-window losses."""
+    losses, counts = [], []
+    for window in tqdm(windows, desc="perplexity", unit="win", disable=not progress, leave=False):
+        nll = window_nll(model, window)
+        mx.eval(nll)
+        losses.append(nll.item())
+        counts.append(len(window) - 1)
+    losses, counts = np.array(losses), np.array(counts)
+    mean = losses.sum() / counts.sum()
+    per_window = losses / counts
+    stderr = np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum()
+    if not math.isfinite(mean):
+        raise ChessError("the model produced non-finite losses")
+    return {"ppl": math.exp(mean), "loss": mean, "loss_stderr": stderr, "tokens": int(counts.sum())}
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Perplexity of dense and sparsified models.")
+    add_model_args(parser)
+    parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files")
+    parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. '30:'")
+    parser.add_argument("--window", type=int, default=512, help="Tokens per window")
+    parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
+    parser.add_argument("--methods", default="dense,chess", help=f"Comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--sparsity", default="0.5", help="Comma-separated target sparsities")
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    with cli_errors("chess_mlx.perplexity"):
+        methods = [m for m in args.methods.split(",") if m]
+        for m in methods:
+            if m not in METHODS:
+                raise ChessError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
+        sparsities = parse_sparsities(args.sparsity)
+        documents = load_documents(args.data, args.documents)
+        model, tokenizer, name = load_from_args(args)
+        thresholds = load_thresholds(args.thresholds) if args.thresholds else shipped_thresholds(model)
+        if thresholds is None and methods != ["dense"]:
+            raise ChessError("no shipped thresholds fit this model: pass --thresholds")
+        windows = token_windows(documents, tokenizer, args.window)
+        print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
+        print(f"{'method':8} {'sparsity':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
+        for method in methods:
+            for sparsity in [0.0] if method == "dense" else sparsities:
+                if method == "dense":
+                    unsparsify(model)
+                else:
+                    sparsify(model, thresholds, method, sparsity)
+                with track_sparsity(model) as tracker:
+                    result = eval_ppl(model, windows)
+                realized = ", ".join(f"{k} {v:.3f}" for k, v in sorted(tracker.summary().items()))
+                print(f"{method:8} {sparsity:8.2f} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  {realized}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

