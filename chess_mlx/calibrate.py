@@ -14,6 +14,8 @@ does not grow with the number of tokens.
 import argparse
 import datetime
 import json
+import math
+from pathlib import Path
 from typing import Dict, List, Sequence
 
 import mlx.core as mx
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import load_documents, token_windows
+from .blas import reexec_with_openblas
 from .errors import ChessError
 from .sparsify import ACTIVATIONS, model_layers, unsparsify
 from .thresholds import Thresholds, check_destination, model_identity
@@ -31,20 +34,29 @@ from .utils import add_model_args, cli_errors, load_from_args
 STATISTICS = ("mean_abs", "rms")
 
 
-def quantiles(values: mx.array, levels: mx.array) -> mx.array:
-    """Quantiles of all entries of ``values`` (linear interpolation, as numpy)."""
-    flat = mx.sort(values.reshape(-1).astype(mx.float32))
-    position = levels * (flat.size - 1)
-    low = mx.floor(position).astype(mx.int32)
-    high = mx.minimum(low + 1, flat.size - 1)
-    fraction = position - low
-    return flat[low] * (1 - fraction) + flat[high] * fraction
+def quantiles(values: mx.array, levels: Sequence[float]) -> mx.array:
+    """Quantiles of all entries of ``values`` (linear interpolation, as numpy).
+
+    One partition per level instead of a sort: MLX's CPU sort is ~10x slower
+    than a partition on the millions of entries a layer produces.
+    """
+    flat = values.reshape(-1).astype(mx.float32)
+    n = flat.size
+    result = []
+    for level in levels:
+        position = level * (n - 1)
+        k = int(math.floor(position))
+        part = mx.partition(flat, k)
+        low = part[k]
+        high = part[k + 1 :].min() if k + 1 < n else low
+        result.append(low + (high - low) * (position - k))
+    return mx.stack(result)
 
 
 class LayerStats:
     """Running statistics of one layer: weighted quantile sums, channel sums."""
 
-    def __init__(self, levels: mx.array, statistic: str):
+    def __init__(self, levels: Sequence[float], statistic: str):
         self.levels = levels
         self.statistic = statistic
         self.sums: Dict[str, mx.array] = {}
@@ -148,7 +160,7 @@ def calibrate(
             raise ChessError(f"calibration sparsities must be in (0, 1), got {s}")
     layers = model_layers(model)
     unsparsify(model)
-    levels = mx.array(sorted(sparsities), dtype=mx.float32)
+    levels = sorted(sparsities)
     stats = [LayerStats(levels, statistic) for _ in layers]
     num_tokens = sum(len(w) for w in windows)
     if num_tokens == 0:
@@ -216,6 +228,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas()
     with cli_errors("chess_mlx.calibrate"):
         sparsities = parse_sparsities(args.sparsity)
         if args.tokens <= 0:
@@ -227,7 +241,8 @@ def main(argv=None):
         thresholds = calibrate(model, windows, sparsities, args.statistic)
         thresholds.metadata.update(
             model=name,
-            data=" ".join(args.data) + (f" documents[{args.documents}]" if args.documents else ""),
+            data=" ".join(Path(d).name for d in args.data)
+            + (f" documents[{args.documents}]" if args.documents else ""),
             window=str(args.window),
         )
         thresholds.save(args.out)

@@ -7,10 +7,10 @@ import argparse
 import sys
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import str2bool, stream_generate
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import str2bool
 
+from .blas import reexec_with_openblas
 from .errors import ChessError
 from .sparsify import METHODS, sparsify, track_sparsity
 from .thresholds import load_thresholds
@@ -69,6 +69,8 @@ def format_sparsity(summary: dict) -> str:
 
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas()
     with cli_errors("chess_mlx.generate"):
         if args.max_tokens < 1:
             raise ChessError(f"--max-tokens must be positive, got {args.max_tokens}")

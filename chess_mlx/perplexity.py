@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .calibrate import parse_sparsities
 from .data import load_documents, token_windows
+from .blas import reexec_with_openblas
 from .errors import ChessError
 from .sparsify import METHODS, sparsify, track_sparsity, unsparsify
 from .thresholds import load_thresholds
@@ -52,6 +53,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files")
     parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. '30:'")
     parser.add_argument("--window", type=int, default=512, help="Tokens per window")
+    parser.add_argument("--tokens", type=int, default=None, help="Evaluate only the first N tokens")
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
     parser.add_argument("--methods", default="dense,chess", help=f"Comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--sparsity", default="0.5", help="Comma-separated target sparsities")
@@ -60,6 +62,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas()
     with cli_errors("chess_mlx.perplexity"):
         methods = [m for m in args.methods.split(",") if m]
         for m in methods:
@@ -71,7 +75,7 @@ def main(argv=None):
         thresholds = load_thresholds(args.thresholds) if args.thresholds else shipped_thresholds(model)
         if thresholds is None and methods != ["dense"]:
             raise ChessError("no shipped thresholds fit this model: pass --thresholds")
-        windows = token_windows(documents, tokenizer, args.window)
+        windows = token_windows(documents, tokenizer, args.window, args.tokens)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
         print(f"{'method':8} {'sparsity':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
         for method in methods:

@@ -1,0 +1,91 @@
+"""The real default model (SmolLM2-135M-Instruct, offline): calibration,
+held-out sparsity and perplexity, the CLIs and their errors."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from conftest import WIKITEXT
+
+from chess_mlx.calibrate import calibrate
+from chess_mlx.data import load_documents, token_windows
+from chess_mlx.perplexity import eval_ppl
+from chess_mlx.sparsify import sparsify, track_sparsity, unsparsify
+from chess_mlx.utils import load, shipped_thresholds
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer, _ = load(dtype="float32")
+    calibration = token_windows(load_documents([str(WIKITEXT)], ":30"), tokenizer, 1024, 8192)
+    thresholds = calibrate(model, calibration, [0.3, 0.5, 0.7], progress=False)
+    held_out = token_windows(load_documents([str(WIKITEXT)], "30:"), tokenizer, 512, 2048)
+    return model, thresholds, held_out
+
+
+def test_held_out_sparsity_near_target_and_perplexity_order(smollm2):
+    model, thresholds, held_out = smollm2
+    unsparsify(model)
+    dense = eval_ppl(model, held_out, progress=False)["ppl"]
+    results = {}
+    for method in ("cats", "chess"):
+        sparsify(model, thresholds, method, 0.5)
+        with track_sparsity(model) as tracker:
+            results[method] = eval_ppl(model, held_out, progress=False)["ppl"]
+        realized = tracker.summary()["gate"]
+        assert abs(realized - 0.5) < 0.05, (method, realized)
+    unsparsify(model)
+    print(f"held-out ppl: dense {dense:.3f}, cats@0.5 {results['cats']:.3f}, chess@0.5 {results['chess']:.3f}")
+    assert 1 < dense < results["chess"] < 100
+
+
+def test_shipped_thresholds_fit_default_model(smollm2):
+    model, _, _ = smollm2
+    shipped = shipped_thresholds(model)
+    assert shipped is not None
+    assert list(shipped.sparsities) == pytest.approx([0.3, 0.5, 0.7])
+    assert "wikitext-2-valid.txt documents[:30]" in shipped.metadata["data"]
+
+
+def run(module, *args):
+    return subprocess.run([sys.executable, "-m", f"chess_mlx.{module}", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_generate_cli_answers_with_sparsity():
+    result = run("generate", "--max-tokens", "12", "--method", "chess+", "--sparsity", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "Generation:" in result.stdout and "Realized sparsity" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "0.4"], "sparsity 0.4 was not calibrated (available: 0, 0.3, 0.5, 0.7)"),
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1), got 1.5"),
+    (["--thresholds", "missing.safetensors"], "thresholds file 'missing.safetensors' not found"),
+    (["--model", "missing.gguf"], "missing.gguf"),
+])
+def test_generate_cli_errors(args, message):
+    result = run("generate", "--max-tokens", "2", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_calibrate_cli_errors(tmp_path):
+    out = tmp_path / "t.safetensors"
+    cases = [
+        (["--tokens", "100000000", "--documents", ":1"], "tokens in windows, 100000000 asked"),
+        (["--out", str(tmp_path / "no" / "t.safetensors")], "does not exist"),
+        (["--sparsity", "0.5,1"], "sparsity must be in (0, 1)"),
+        (["--data", str(tmp_path / "none.txt")], "not found"),
+    ]
+    for extra, message in cases:
+        args = ["--data", str(WIKITEXT), "--out", str(out), *extra]
+        result = run("calibrate", *args)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []
