@@ -45,6 +45,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
+from .sparsify import keep_mask
+
 __all__ = [
     "SpvmmTiles",
     "VmmspTiles",
@@ -390,7 +392,7 @@ def sparse_in_gemv_reference(x: mx.array, wt: mx.array, threshold: Threshold) ->
     xv = _as_vector(x, n_in, "x")
     thr, _ = _threshold(threshold, n_in, xv.dtype)
     x32 = xv.astype(mx.float32)
-    keep = mx.abs(x32) >= thr.astype(mx.float32)
+    keep = keep_mask(x32, thr.astype(mx.float32))
     xs = mx.where(keep, x32, mx.zeros_like(x32))
     return (xs @ wt.astype(mx.float32)).astype(xv.dtype)
 
@@ -403,7 +405,7 @@ def sparse_out_gate_gemv_reference(
     xv = _as_vector(x, n_in, "x")
     g32 = _as_vector(gate, n_out, "gate").astype(mx.float32)
     thr, _ = _threshold(threshold, n_out, xv.dtype)
-    keep = mx.abs(g32) >= thr.astype(mx.float32)
+    keep = keep_mask(g32, thr.astype(mx.float32))
     dots = w.astype(mx.float32) @ xv.astype(mx.float32)
     return mx.where(keep, g32 * dots, mx.zeros_like(dots)).astype(xv.dtype)
 

@@ -6,7 +6,9 @@ through them. Everything is plain MLX, so it works on every backend.
 """
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Protocol
+
+import numpy as np
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -61,6 +63,66 @@ class SparsityTracker:
         return {k: 1.0 - kept[k] / total[k] for k in kept}
 
 
+# Dropped gate channels leave exact zeros in down_proj's input; this threshold
+# drops exactly those (and float32 subnormals, whose products are negligible).
+NONZERO = float(np.finfo(np.float32).tiny)
+
+
+class DecodeKernels(Protocol):
+    """The two sparse GEMVs a decode step uses (see chess_mlx.kernels)."""
+
+    def sparse_in_gemv(self, x: mx.array, wt: mx.array, threshold) -> mx.array: ...
+
+    def sparse_out_gate_gemv(self, x: mx.array, w: mx.array, gate: mx.array, threshold) -> mx.array: ...
+
+
+def default_kernels() -> Optional[DecodeKernels]:
+    """The Metal kernels where Metal runs, else None (the reference path)."""
+    from . import kernels
+
+    return kernels if kernels.metal_available() else None
+
+
+class InputMajorLinear(nn.Module):
+    """nn.Linear with its weight stored input-major, ``wt = W.T`` ([in, out]).
+
+    Input-sparse GEMVs read one contiguous row of ``wt`` per active input
+    channel; multi-token calls use a plain matmul on the same array, so the
+    weight is stored once.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.wt = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.wt
+        return y + self.bias if "bias" in self else y
+
+    def to_linear(self) -> nn.Linear:
+        out_dims, in_dims = self.wt.shape[1], self.wt.shape[0]
+        linear = nn.Linear(in_dims, out_dims, bias="bias" in self)
+        linear.weight = mx.contiguous(self.wt.T)
+        if "bias" in self:
+            linear.bias = self.bias
+        return linear
+
+
+def kernel_ready(linear: nn.Module) -> bool:
+    """The float kernels serve float nn.Linear layers (quantized ones: later)."""
+    return type(linear) is nn.Linear
+
+
+def is_decode(x: mx.array) -> bool:
+    return x.size == x.shape[-1]
+
+
+def add_bias(y: mx.array, linear: nn.Module) -> mx.array:
+    return y + linear.bias if "bias" in linear else y
+
+
 class SparseMLP(nn.Module):
     """Gated MLP whose activated gate is thresholded (CATS scalar or CHESS per channel).
 
@@ -68,38 +130,73 @@ class SparseMLP(nn.Module):
     of up_proj and columns of down_proj contribute nothing.
     """
 
-    def __init__(self, dense: nn.Module, activation: Callable, tau: mx.array, name: str):
+    def __init__(
+        self,
+        dense: nn.Module,
+        activation: Callable,
+        tau: mx.array,
+        name: str,
+        kernels: Optional[DecodeKernels] = None,
+    ):
         super().__init__()
         self.dense = dense
         self.tau = tau
         self._activation = activation
         self._name = name
         self._tracker: Optional[SparsityTracker] = None
+        self._kernels = None
+        # vmmsp has no bias term: an up_proj bias (rare) keeps the reference path.
+        up_ready = kernel_ready(dense.up_proj) and "bias" not in dense.up_proj
+        if kernels is not None and up_ready and kernel_ready(dense.down_proj):
+            dense.down_proj = InputMajorLinear(dense.down_proj)
+            self._kernels = kernels
 
     def __call__(self, x: mx.array) -> mx.array:
         gate = self._activation(self.dense.gate_proj(x))
         keep = keep_mask(gate, self.tau)
         if self._tracker is not None:
             self._tracker.add(self._name, keep)
+        if self._kernels is not None and is_decode(x):
+            return self._decode(x, gate)
         gate = mx.where(keep, gate, 0)
         return self.dense.down_proj(gate * self.dense.up_proj(x))
+
+    def _decode(self, x: mx.array, gate: mx.array) -> mx.array:
+        up, down = self.dense.up_proj, self.dense.down_proj
+        hidden = self._kernels.sparse_out_gate_gemv(x, up.weight, gate, self.tau)
+        y = self._kernels.sparse_in_gemv(hidden, down.wt, NONZERO)
+        return add_bias(y, down).reshape(*x.shape[:-1], -1)
+
+    def restore(self) -> nn.Module:
+        if isinstance(self.dense.down_proj, InputMajorLinear):
+            self.dense.down_proj = self.dense.down_proj.to_linear()
+        return self.dense
 
 
 class InputSparseLinear(nn.Module):
     """A linear layer whose input entries below a scalar threshold are dropped."""
 
-    def __init__(self, dense: nn.Module, tau: mx.array, name: str):
+    def __init__(self, dense: nn.Module, tau: mx.array, name: str, kernels: Optional[DecodeKernels] = None):
         super().__init__()
-        self.dense = dense
+        self.dense = InputMajorLinear(dense) if kernels is not None and kernel_ready(dense) else dense
         self.tau = tau
         self._name = name
         self._tracker: Optional[SparsityTracker] = None
+        self._kernels = kernels if isinstance(self.dense, InputMajorLinear) else None
 
     def __call__(self, x: mx.array) -> mx.array:
         keep = keep_mask(x, self.tau)
         if self._tracker is not None:
             self._tracker.add(self._name, keep)
+        if self._kernels is not None and is_decode(x):
+            y = self._kernels.sparse_in_gemv(x, self.dense.wt, self.tau)
+            return add_bias(y, self.dense).reshape(*x.shape[:-1], -1)
         return self.dense(mx.where(keep, x, 0))
+
+    def restore(self) -> nn.Module:
+        if isinstance(self.dense, InputMajorLinear):
+            return self.dense.to_linear()
+        return self.dense
 
 
 SPARSE_MODULES = (SparseMLP, InputSparseLinear)
@@ -128,12 +225,12 @@ def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place; the model computes densely again."""
     for layer in model.layers:
         if isinstance(layer.mlp, SparseMLP):
-            layer.mlp = layer.mlp.dense
+            layer.mlp = layer.mlp.restore()
         attn = layer.self_attn
         for proj in ("q_proj", "o_proj"):
             module = getattr(attn, proj)
             if isinstance(module, InputSparseLinear):
-                setattr(attn, proj, module.dense)
+                setattr(attn, proj, module.restore())
     return model
 
 
@@ -142,6 +239,7 @@ def sparsify(
     thresholds: "Thresholds",
     method: str = "chess",
     sparsity: float = 0.5,
+    kernels: Optional[DecodeKernels] = "auto",
 ) -> nn.Module:
     """Patch ``model`` in place to threshold activations; returns it.
 
@@ -150,6 +248,12 @@ def sparsify(
     scalar thresholds on the inputs of q_proj and o_proj; k_proj and v_proj
     keep reading the dense hidden state). ``sparsity`` must be one of the
     calibrated targets, or 0 (no entry is dropped).
+
+    ``kernels`` runs one-token calls (decode) of float layers through sparse
+    GEMVs: ``"auto"`` picks the Metal kernels where Metal runs, ``None``
+    keeps the reference path everywhere. Prompts (several tokens) always take
+    the reference path. The weights the kernels read input-major (down_proj,
+    and q_proj/o_proj under chess+) are re-laid once, not duplicated.
     """
     if method not in METHODS:
         raise ChessError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -158,14 +262,16 @@ def sparsify(
     thresholds.validate(model)
     if method == "dense":
         return model
+    if kernels == "auto":
+        kernels = default_kernels()
     activation = ACTIVATIONS[model.model_type]
     taus = thresholds.select(method, sparsity)
     for i, layer in enumerate(layers):
-        layer.mlp = SparseMLP(layer.mlp, activation, taus["gate"][i], f"layers.{i}.gate")
+        layer.mlp = SparseMLP(layer.mlp, activation, taus["gate"][i], f"layers.{i}.gate", kernels)
         if method == "chess+":
             attn = layer.self_attn
-            attn.q_proj = InputSparseLinear(attn.q_proj, taus["q_proj"][i], f"layers.{i}.q_proj")
-            attn.o_proj = InputSparseLinear(attn.o_proj, taus["o_proj"][i], f"layers.{i}.o_proj")
+            attn.q_proj = InputSparseLinear(attn.q_proj, taus["q_proj"][i], f"layers.{i}.q_proj", kernels)
+            attn.o_proj = InputSparseLinear(attn.o_proj, taus["o_proj"][i], f"layers.{i}.o_proj", kernels)
     return model
 
 
