@@ -89,3 +89,21 @@ def test_calibrate_cli_errors(tmp_path):
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_emulated_kernel_decode_gives_reference_next_token(smollm2):
+    """A chess+ decode step of SmolLM2 (float32) whose q/o/up/down projections
+    run through the emulated Metal kernels picks the reference path's token."""
+    from test_decode_kernels import EmulatedKernels, decode_logits
+
+    model, thresholds, held_out = smollm2
+    prompt, token = held_out[0][:15], held_out[0][15]
+    sparsify(model, thresholds, "chess+", 0.5, kernels=None)
+    reference = decode_logits(model, prompt, token)
+    emulated = EmulatedKernels()
+    sparsify(model, thresholds, "chess+", 0.5, kernels=emulated)
+    result = decode_logits(model, prompt, token)
+    unsparsify(model)
+    assert emulated.calls == 4 * len(model.layers)
+    assert mx.argmax(result).item() == mx.argmax(reference).item()
+    assert mx.abs(result - reference).max().item() < 1e-2
