@@ -1,0 +1,165 @@
+"""CPU sparse GEMV kernels for CHESS decoding (compiled MLX extension).
+
+Thin wrapper around the optional compiled module ``chess_mlx._cpu_kernels``
+(sources in ``csrc/``). Two ops, both for a single activation row (decode):
+
+* :func:`sparse_in_gemv` ("spvmm"):
+  ``y[o] = sum_i (|x_i| >= t_i ? x_i : 0) * wt[i, o]`` with ``wt`` ``[in, out]``
+  (transposed ``nn.Linear`` weight); rows of dropped channels are not read.
+* :func:`sparse_out_gate_gemv` ("vmmsp"):
+  ``y[o] = gate_o * dot(w[o, :], x) if |gate_o| >= t_o else 0`` with ``w``
+  ``[out, in]``; rows of dropped outputs are not read.
+
+Thresholds are a float (scalar) or a float32 array of 1 or per-channel
+elements; entries with ``|v| >= t`` are kept. Inputs are float32, float16
+or bfloat16 (one dtype), accumulation is float32, the result has the input
+dtype. The ops run on a CPU stream (default: the default CPU stream) and
+are lazy like any MLX op.
+
+Use :func:`available` before calling; :func:`unavailable_reason` says in one
+line why the kernels cannot be used (module not built, or built against a
+different mlx version).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Optional, Union
+
+import mlx.core as mx
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "module_present",
+    "sparse_in_gemv",
+    "sparse_out_gate_gemv",
+    "set_num_threads",
+    "get_num_threads",
+    "kernel_isa",
+]
+
+_MODULE_NAME = __package__ + "._cpu_kernels" if __package__ else "_cpu_kernels"
+
+_ext = None
+_reason: Optional[str] = None
+
+
+def _load() -> None:
+    global _ext, _reason
+    _ext, _reason = None, None
+    if importlib.util.find_spec(_MODULE_NAME) is None:
+        _reason = (
+            "compiled module chess_mlx._cpu_kernels is not built "
+            "(see csrc/CMakeLists.txt)"
+        )
+        return
+    try:
+        mod = importlib.import_module(_MODULE_NAME)
+    except Exception as e:  # ImportError, OSError (missing/ABI-mismatched libmlx)
+        msg = " ".join(str(e).split())
+        _reason = f"chess_mlx._cpu_kernels failed to import: {type(e).__name__}: {msg}"
+        return
+    built = getattr(mod, "built_mlx_version", None)
+    installed = mx.__version__
+    if built != installed:
+        _reason = (
+            f"chess_mlx._cpu_kernels was built against mlx {built} but mlx "
+            f"{installed} is installed; rebuild it"
+        )
+        return
+    _ext = mod
+
+
+_load()
+
+
+def available() -> bool:
+    """True if the compiled kernels can be used."""
+    return _ext is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """One-line reason why :func:`available` is False (None if available)."""
+    return _reason
+
+
+def module_present() -> bool:
+    """True if a compiled ``_cpu_kernels`` file exists (usable or not)."""
+    return importlib.util.find_spec(_MODULE_NAME) is not None
+
+
+def _require():
+    if _ext is None:
+        raise RuntimeError(f"chess_mlx CPU kernels unavailable: {_reason}")
+    return _ext
+
+
+Threshold = Union[float, int, mx.array]
+Stream = Union[None, mx.Stream, mx.Device]
+
+
+def _threshold(t: Threshold) -> mx.array:
+    if isinstance(t, mx.array):
+        return t if t.dtype == mx.float32 else t.astype(mx.float32)
+    return mx.array([float(t)], dtype=mx.float32)
+
+
+def sparse_in_gemv(
+    x: mx.array, wt: mx.array, threshold: Threshold, *, stream: Stream = None
+) -> mx.array:
+    """``y = (x * (|x| >= threshold)) @ wt`` reading only kept rows of ``wt``.
+
+    Args:
+        x: ``[in]`` or ``[..., in]`` with a single row.
+        wt: ``[in, out]`` (transposed linear weight), dtype of ``x``.
+        threshold: float, or float32 array with 1 or ``in`` elements.
+        stream: CPU stream/device; default CPU stream if None.
+
+    Returns:
+        ``x.shape[:-1] + (out,)`` array with the dtype of ``x``.
+    """
+    return _require().sparse_in_gemv(x, wt, _threshold(threshold), stream=stream)
+
+
+def sparse_out_gate_gemv(
+    x: mx.array,
+    w: mx.array,
+    gate: mx.array,
+    threshold: Threshold,
+    *,
+    stream: Stream = None,
+) -> mx.array:
+    """``y = where(|gate| >= threshold, gate * (x @ w.T), 0)`` reading only
+    the kept rows of ``w``.
+
+    Args:
+        x: ``[in]`` or ``[..., in]`` with a single row.
+        w: ``[out, in]`` (linear weight), dtype of ``x``.
+        gate: ``out`` elements (activated gate), dtype of ``x``.
+        threshold: float, or float32 array with 1 or ``out`` elements.
+        stream: CPU stream/device; default CPU stream if None.
+
+    Returns:
+        ``x.shape[:-1] + (out,)`` array with the dtype of ``x``.
+    """
+    return _require().sparse_out_gate_gemv(
+        x, w, gate, _threshold(threshold), stream=stream
+    )
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the kernels (incl. MLX's stream thread); n <= 0 resets
+    to the default (env ``CHESS_MLX_NUM_THREADS`` or the CPUs available)."""
+    _require().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads used by the kernels."""
+    return _require().get_num_threads()
+
+
+def kernel_isa() -> str:
+    """Instruction set of the kernels in use ("avx2" or "generic")."""
+    return _require().kernel_isa()

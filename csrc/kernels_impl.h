@@ -1,0 +1,559 @@
+// Sparse GEMV compute kernels, written as plain loops that g++/clang -O3
+// auto-vectorize for whatever instruction set the including translation
+// unit is compiled for. Included (only) by kernels_generic.cpp and
+// kernels_avx2.cpp, each of which defines:
+//   CHESS_MLX_KERNEL_NS     namespace for this copy (e.g. generic, avx2)
+//   CHESS_MLX_KERNEL_TABLE  name of the exported table accessor
+//   CHESS_MLX_KERNEL_ISA    string naming the instruction set
+// Everything except the table accessor has internal linkage, so the copies
+// built with different -m flags can never be merged by the linker.
+//
+// Notes on the loop shapes:
+// * fp16/bf16 are handled as raw uint16 bits and converted with integer
+//   ops + bit casts (branch-free), which vectorizes on any ISA (x86 without
+//   F16C has no fast scalar half conversion). Exception: when compiled with
+//   F16C (the AVX2 copy), fp16 weights are converted block-wise with
+//   vcvtph2ps into an L1 buffer and fed to the float32 loops.
+// * Selections use integer masks rather than ?: on floats: with the default
+//   -ftrapping-math g++ will not if-convert floating-point ternaries.
+// * Reductions use explicit lane arrays so no -ffast-math is needed.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#if !defined(CHESS_MLX_KERNEL_NS) || !defined(CHESS_MLX_KERNEL_TABLE) || \
+    !defined(CHESS_MLX_KERNEL_ISA)
+#error "define CHESS_MLX_KERNEL_NS, _TABLE and _ISA before including"
+#endif
+
+#if defined(__GNUC__)
+#define CHESS_MLX_RESTRICT __restrict__
+#else
+#define CHESS_MLX_RESTRICT
+#endif
+
+namespace chess_mlx::kernels {
+namespace CHESS_MLX_KERNEL_NS {
+namespace {
+
+// Output columns accumulated at once by spvmm (float32 accumulators, 16 KiB,
+// L1/L2 resident). Long row segments stream better from DRAM than short
+// ones: 4096 measured fastest among 512..8192 (-DCHESS_MLX_COL_TILE=N to
+// experiment).
+#ifndef CHESS_MLX_COL_TILE
+#define CHESS_MLX_COL_TILE 4096
+#endif
+constexpr int64_t kColTile = CHESS_MLX_COL_TILE;
+// Lanes per partial-sum array in the vmmsp dot products.
+constexpr int kLanes = 16;
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// IEEE half -> float, exact for all inputs (incl. subnormals, inf, nan).
+inline float half_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized =
+      bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized =
+      bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t m = 0u - static_cast<uint32_t>(two_w < (1u << 27));
+  return bits_to_f32(
+      sign | (f32_to_bits(denormalized) & m) |
+      (f32_to_bits(normalized) & ~m));
+}
+
+// float -> IEEE half, round to nearest even (nan -> 0x7E00).
+inline uint16_t f32_to_half(float f) {
+  float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) {
+    bias = 0x71000000u;
+  }
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>(
+      (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float bf16_to_f32(uint16_t b) {
+  return bits_to_f32(static_cast<uint32_t>(b) << 16);
+}
+
+// float -> bfloat16, round to nearest even, nan -> 0x7FC0 (as MLX does).
+inline uint16_t f32_to_bf16(float f) {
+  if (f != f) {
+    return 0x7FC0u;
+  }
+  uint32_t u = f32_to_bits(f);
+  u += ((u >> 16) & 1u) + 0x7FFFu;
+  return static_cast<uint16_t>(u >> 16);
+}
+
+#if defined(__F16C__) && defined(__AVX__)
+#define CHESS_MLX_HW_HALF 1
+// Elements per row block converted at once on the hardware-half path.
+constexpr int64_t kHalfBlock = 256;
+
+// n halves -> floats with the F16C instruction (vcvtph2ps). g++ 12 neither
+// auto-vectorizes scalar _Float16 conversions nor __builtin_convertvector
+// on half vectors (it emits one vcvtph2ps per element), hence the intrinsic.
+// (immintrin.h functions are always-inline, so nothing compiled with these
+// flags can leak into the portable copy.)
+inline void half_block_to_f32(
+    const uint16_t* CHESS_MLX_RESTRICT src,
+    float* CHESS_MLX_RESTRICT dst,
+    int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+  }
+  for (; j < n; ++j) {
+    dst[j] = half_to_f32(src[j]);
+  }
+}
+#else
+#define CHESS_MLX_HW_HALF 0
+#endif
+
+template <int DT>
+struct Elem;
+
+template <>
+struct Elem<F32> {
+  using S = float;
+  static inline float load(float v) {
+    return v;
+  }
+  static inline float store(float v) {
+    return v;
+  }
+};
+
+template <>
+struct Elem<F16> {
+  using S = uint16_t;
+  static inline float load(uint16_t v) {
+    return half_to_f32(v);
+  }
+  static inline uint16_t store(float v) {
+    return f32_to_half(v);
+  }
+};
+
+template <>
+struct Elem<BF16> {
+  using S = uint16_t;
+  static inline float load(uint16_t v) {
+    return bf16_to_f32(v);
+  }
+  static inline uint16_t store(float v) {
+    return f32_to_bf16(v);
+  }
+};
+
+// |v| >= t; false for nan.
+inline bool keep(float v, float t) {
+  return __builtin_fabsf(v) >= t;
+}
+
+template <int DT>
+int64_t collect_in(
+    const void* xv,
+    int64_t n,
+    const float* thr,
+    int64_t thr_stride,
+    int32_t* CHESS_MLX_RESTRICT idx,
+    float* CHESS_MLX_RESTRICT vals) {
+  using E = Elem<DT>;
+  const auto* x = static_cast<const typename E::S*>(xv);
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = E::load(x[i]);
+    if (keep(v, thr[i * thr_stride])) {
+      idx[k] = static_cast<int32_t>(i);
+      vals[k] = v;
+      ++k;
+    }
+  }
+  return k;
+}
+
+template <int DT>
+int64_t collect_out(
+    const void* gv,
+    int64_t n,
+    const float* thr,
+    int64_t thr_stride,
+    int32_t* CHESS_MLX_RESTRICT idx,
+    float* CHESS_MLX_RESTRICT gates,
+    void* yv) {
+  using E = Elem<DT>;
+  const auto* g = static_cast<const typename E::S*>(gv);
+  auto* y = static_cast<typename E::S*>(yv);
+  int64_t k = 0;
+  for (int64_t o = 0; o < n; ++o) {
+    const float v = E::load(g[o]);
+    if (keep(v, thr[o * thr_stride])) {
+      idx[k] = static_cast<int32_t>(o);
+      gates[k] = v;
+      ++k;
+    } else {
+      y[o] = E::store(0.0f);
+    }
+  }
+  return k;
+}
+
+template <int DT>
+void to_f32(const void* xv, int64_t n, float* CHESS_MLX_RESTRICT out) {
+  using E = Elem<DT>;
+  const auto* x = static_cast<const typename E::S*>(xv);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = E::load(x[i]);
+  }
+}
+
+// acc[j] += sum over k in [k0, k1) of vals[k] * wt[idx[k] * out + t0 + j]
+// for j in [0, w). Eight rows per pass over acc: fewer accumulator
+// loads/stores per weight load (measured ~2x faster than four rows).
+template <int DT>
+inline void accumulate_rows(
+    float* CHESS_MLX_RESTRICT acc,
+    const typename Elem<DT>::S* wt,
+    int64_t out,
+    int64_t t0,
+    int64_t w,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t k0,
+    int64_t k1) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+#if CHESS_MLX_HW_HALF
+  if constexpr (DT == F16) {
+    // Hardware half conversion: convert blocks of up to 8 rows to float32
+    // in L1, then run the float32 accumulation on them.
+    static constexpr int32_t kIota[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    alignas(64) float buf[8 * kHalfBlock];
+    for (int64_t k = k0; k < k1; k += 8) {
+      const int64_t nr = (k1 - k) < 8 ? (k1 - k) : 8;
+      for (int64_t c = 0; c < w; c += kHalfBlock) {
+        const int64_t bw = (w - c) < kHalfBlock ? (w - c) : kHalfBlock;
+        for (int64_t r = 0; r < nr; ++r) {
+          half_block_to_f32(
+              wt + idx[k + r] * out + t0 + c, buf + r * kHalfBlock, bw);
+        }
+        accumulate_rows<F32>(
+            acc + c, buf, kHalfBlock, 0, bw, kIota, vals + k, 0, nr);
+      }
+    }
+    return;
+  }
+#endif
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    const S* CHESS_MLX_RESTRICT r0 = wt + idx[k] * out + t0;
+    const S* CHESS_MLX_RESTRICT r1 = wt + idx[k + 1] * out + t0;
+    const S* CHESS_MLX_RESTRICT r2 = wt + idx[k + 2] * out + t0;
+    const S* CHESS_MLX_RESTRICT r3 = wt + idx[k + 3] * out + t0;
+    const S* CHESS_MLX_RESTRICT r4 = wt + idx[k + 4] * out + t0;
+    const S* CHESS_MLX_RESTRICT r5 = wt + idx[k + 5] * out + t0;
+    const S* CHESS_MLX_RESTRICT r6 = wt + idx[k + 6] * out + t0;
+    const S* CHESS_MLX_RESTRICT r7 = wt + idx[k + 7] * out + t0;
+    const float v0 = vals[k], v1 = vals[k + 1], v2 = vals[k + 2];
+    const float v3 = vals[k + 3], v4 = vals[k + 4], v5 = vals[k + 5];
+    const float v6 = vals[k + 6], v7 = vals[k + 7];
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] += (v0 * E::load(r0[j]) + v1 * E::load(r1[j]) +
+                 v2 * E::load(r2[j]) + v3 * E::load(r3[j])) +
+          (v4 * E::load(r4[j]) + v5 * E::load(r5[j]) + v6 * E::load(r6[j]) +
+           v7 * E::load(r7[j]));
+    }
+  }
+  if (k + 4 <= k1) {
+    const S* CHESS_MLX_RESTRICT r0 = wt + idx[k] * out + t0;
+    const S* CHESS_MLX_RESTRICT r1 = wt + idx[k + 1] * out + t0;
+    const S* CHESS_MLX_RESTRICT r2 = wt + idx[k + 2] * out + t0;
+    const S* CHESS_MLX_RESTRICT r3 = wt + idx[k + 3] * out + t0;
+    const float v0 = vals[k], v1 = vals[k + 1];
+    const float v2 = vals[k + 2], v3 = vals[k + 3];
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] += v0 * E::load(r0[j]) + v1 * E::load(r1[j]) +
+          v2 * E::load(r2[j]) + v3 * E::load(r3[j]);
+    }
+    k += 4;
+  }
+  for (; k < k1; ++k) {
+    const S* CHESS_MLX_RESTRICT r0 = wt + idx[k] * out + t0;
+    const float v0 = vals[k];
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] += v0 * E::load(r0[j]);
+    }
+  }
+}
+
+template <int DT>
+void spvmm_cols(
+    const void* wtv,
+    int64_t out,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t nact,
+    int64_t o0,
+    int64_t o1,
+    void* yv) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+  const S* wt = static_cast<const S*>(wtv);
+  S* y = static_cast<S*>(yv);
+  alignas(64) float acc[kColTile];
+  for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
+    const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] = 0.0f;
+    }
+    accumulate_rows<DT>(acc, wt, out, t0, w, idx, vals, 0, nact);
+    for (int64_t j = 0; j < w; ++j) {
+      y[t0 + j] = E::store(acc[j]);
+    }
+  }
+}
+
+// Split-K variant: acc[o - o0] = sum over k in [k0, k1) of
+// vals[k] * wt[idx[k] * out + o] for o in [o0, o1) (acc is overwritten).
+template <int DT>
+void spvmm_partial(
+    const void* wtv,
+    int64_t out,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t k0,
+    int64_t k1,
+    int64_t o0,
+    int64_t o1,
+    float* CHESS_MLX_RESTRICT accv) {
+  using S = typename Elem<DT>::S;
+  const S* wt = static_cast<const S*>(wtv);
+  for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
+    const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
+    float* CHESS_MLX_RESTRICT acc = accv + (t0 - o0);
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] = 0.0f;
+    }
+    accumulate_rows<DT>(acc, wt, out, t0, w, idx, vals, k0, k1);
+  }
+}
+
+// y[o] = sum_p parts[p * stride + o] for o in [o0, o1).
+template <int DT>
+void reduce_store(
+    const float* CHESS_MLX_RESTRICT parts,
+    int nparts,
+    int64_t stride,
+    int64_t o0,
+    int64_t o1,
+    void* yv) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+  S* y = static_cast<S*>(yv);
+  for (int64_t o = o0; o < o1; ++o) {
+    float s = parts[o];
+    for (int p = 1; p < nparts; ++p) {
+      s += parts[p * stride + o];
+    }
+    y[o] = E::store(s);
+  }
+}
+
+inline float lane_sum(const float* a) {
+  float s[kLanes / 2];
+  for (int l = 0; l < kLanes / 2; ++l) {
+    s[l] = a[l] + a[l + kLanes / 2];
+  }
+  for (int h = kLanes / 4; h >= 1; h /= 2) {
+    for (int l = 0; l < h; ++l) {
+      s[l] += s[l + h];
+    }
+  }
+  return s[0];
+}
+
+// a_r[l] += sum over j < n, j % kLanes == l of load(w_r[j]) * xf[j] for the
+// four rows r (n a multiple of kLanes). Four rows share every load of x.
+template <int DT>
+inline void dot4_lanes(
+    float* CHESS_MLX_RESTRICT a0,
+    float* CHESS_MLX_RESTRICT a1,
+    float* CHESS_MLX_RESTRICT a2,
+    float* CHESS_MLX_RESTRICT a3,
+    const typename Elem<DT>::S* CHESS_MLX_RESTRICT w0,
+    const typename Elem<DT>::S* CHESS_MLX_RESTRICT w1,
+    const typename Elem<DT>::S* CHESS_MLX_RESTRICT w2,
+    const typename Elem<DT>::S* CHESS_MLX_RESTRICT w3,
+    const float* CHESS_MLX_RESTRICT xf,
+    int64_t n) {
+  using E = Elem<DT>;
+  float b0[kLanes], b1[kLanes], b2[kLanes], b3[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    b0[l] = a0[l];
+    b1[l] = a1[l];
+    b2[l] = a2[l];
+    b3[l] = a3[l];
+  }
+  for (int64_t j = 0; j < n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float xv = xf[j + l];
+      b0[l] += E::load(w0[j + l]) * xv;
+      b1[l] += E::load(w1[j + l]) * xv;
+      b2[l] += E::load(w2[j + l]) * xv;
+      b3[l] += E::load(w3[j + l]) * xv;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    a0[l] = b0[l];
+    a1[l] = b1[l];
+    a2[l] = b2[l];
+    a3[l] = b3[l];
+  }
+}
+
+template <int DT>
+inline void dot1_lanes(
+    float* CHESS_MLX_RESTRICT a0,
+    const typename Elem<DT>::S* CHESS_MLX_RESTRICT w0,
+    const float* CHESS_MLX_RESTRICT xf,
+    int64_t n) {
+  using E = Elem<DT>;
+  float b0[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    b0[l] = a0[l];
+  }
+  for (int64_t j = 0; j < n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      b0[l] += E::load(w0[j + l]) * xf[j + l];
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    a0[l] = b0[l];
+  }
+}
+
+template <int DT>
+void vmmsp_rows(
+    const void* wv,
+    int64_t in,
+    const float* CHESS_MLX_RESTRICT xf,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT gates,
+    int64_t k0,
+    int64_t k1,
+    void* yv) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+  const S* w = static_cast<const S*>(wv);
+  S* y = static_cast<S*>(yv);
+  const int64_t in_main = in - in % kLanes;
+#if CHESS_MLX_HW_HALF
+  // Hardware half conversion: convert blocks of the rows to float32 in L1,
+  // then run the float32 dot products on them.
+  alignas(64) float buf[4 * kHalfBlock];
+#endif
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const S* w0 = w + idx[k] * in;
+    const S* w1 = w + idx[k + 1] * in;
+    const S* w2 = w + idx[k + 2] * in;
+    const S* w3 = w + idx[k + 3] * in;
+    float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+#if CHESS_MLX_HW_HALF
+    if constexpr (DT == F16) {
+      for (int64_t c = 0; c < in_main; c += kHalfBlock) {
+        const int64_t bw =
+            (in_main - c) < kHalfBlock ? (in_main - c) : kHalfBlock;
+        half_block_to_f32(w0 + c, buf, bw);
+        half_block_to_f32(w1 + c, buf + kHalfBlock, bw);
+        half_block_to_f32(w2 + c, buf + 2 * kHalfBlock, bw);
+        half_block_to_f32(w3 + c, buf + 3 * kHalfBlock, bw);
+        dot4_lanes<F32>(
+            a0, a1, a2, a3, buf, buf + kHalfBlock, buf + 2 * kHalfBlock,
+            buf + 3 * kHalfBlock, xf + c, bw);
+      }
+    } else
+#endif
+    {
+      dot4_lanes<DT>(a0, a1, a2, a3, w0, w1, w2, w3, xf, in_main);
+    }
+    float s0 = lane_sum(a0), s1 = lane_sum(a1);
+    float s2 = lane_sum(a2), s3 = lane_sum(a3);
+    for (int64_t j = in_main; j < in; ++j) {
+      const float xv = xf[j];
+      s0 += E::load(w0[j]) * xv;
+      s1 += E::load(w1[j]) * xv;
+      s2 += E::load(w2[j]) * xv;
+      s3 += E::load(w3[j]) * xv;
+    }
+    y[idx[k]] = E::store(gates[k] * s0);
+    y[idx[k + 1]] = E::store(gates[k + 1] * s1);
+    y[idx[k + 2]] = E::store(gates[k + 2] * s2);
+    y[idx[k + 3]] = E::store(gates[k + 3] * s3);
+  }
+  for (; k < k1; ++k) {
+    const S* w0 = w + idx[k] * in;
+    float a0[kLanes] = {};
+    dot1_lanes<DT>(a0, w0, xf, in_main);
+    float s0 = lane_sum(a0);
+    for (int64_t j = in_main; j < in; ++j) {
+      s0 += E::load(w0[j]) * xf[j];
+    }
+    y[idx[k]] = E::store(gates[k] * s0);
+  }
+}
+
+} // namespace
+} // namespace CHESS_MLX_KERNEL_NS
+
+const Table& CHESS_MLX_KERNEL_TABLE() {
+  namespace K = CHESS_MLX_KERNEL_NS;
+  static const Table table = {
+      CHESS_MLX_KERNEL_ISA,
+      {&K::collect_in<F32>, &K::collect_in<F16>, &K::collect_in<BF16>},
+      {&K::spvmm_cols<F32>, &K::spvmm_cols<F16>, &K::spvmm_cols<BF16>},
+      {&K::spvmm_partial<F32>,
+       &K::spvmm_partial<F16>,
+       &K::spvmm_partial<BF16>},
+      {&K::reduce_store<F32>, &K::reduce_store<F16>, &K::reduce_store<BF16>},
+      {&K::collect_out<F32>, &K::collect_out<F16>, &K::collect_out<BF16>},
+      {&K::to_f32<F32>, &K::to_f32<F16>, &K::to_f32<BF16>},
+      {&K::vmmsp_rows<F32>, &K::vmmsp_rows<F16>, &K::vmmsp_rows<BF16>},
+  };
+  return table;
+}
+
+} // namespace chess_mlx::kernels

@@ -1,0 +1,507 @@
+// MLX ops + primitives for the CHESS sparse GEMVs (see sparse_gemv.h).
+//
+// Graph construction validates shapes/dtypes; eval_cpu allocates the output
+// and dispatches one task on the primitive's CPU stream. That task
+// 1. compacts the kept channels (indices + float32 values) serially, then
+// 2. splits the remaining work over the persistent thread pool:
+//    - sparse_in_gemv: contiguous, 16-aligned tiles of output columns when
+//      each thread gets >= kMinColsPerTask columns (every thread reads its
+//      column slice of each kept row of wt); otherwise split-K: shares of
+//      the kept rows into float32 partial sums, reduced at the end;
+//    - sparse_out_gate_gemv: equal shares of the kept output rows.
+//    Small GEMVs (< kMinParallelBytes of weights to read) run inline.
+// Only the split (and so the float32 summation order) depends on the thread
+// count; results are otherwise deterministic.
+// Inputs that are not row-contiguous are copied (strided gather) inside the
+// task, so any view is accepted; pass contiguous weights for speed.
+#include "sparse_gemv.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace chess_mlx {
+
+namespace {
+
+namespace K = kernels;
+
+// Below this many weight bytes to read, a GEMV runs on one thread: waking
+// the pool would cost more than it saves.
+constexpr int64_t kMinParallelBytes = 64 * 1024;
+// Column tiles handed to threads are multiples of this many elements.
+constexpr int64_t kColAlign = 16;
+// sparse_in_gemv splits by output columns only when every thread then gets
+// at least this many: shorter row segments stream poorly from DRAM, and
+// splitting over kept rows (split-K, float32 partials + a final reduction)
+// is faster (e.g. 8192x2048 on two threads).
+constexpr int64_t kMinColsPerTask = 2048;
+// Pool tasks per thread for row splits (tasks are claimed dynamically, see
+// thread_pool.h, so a few per thread balance uneven progress).
+constexpr int kTasksPerThread = 2;
+
+K::DType kernel_dtype(mx::Dtype d) {
+  if (d == mx::float32) {
+    return K::F32;
+  }
+  if (d == mx::float16) {
+    return K::F16;
+  }
+  if (d == mx::bfloat16) {
+    return K::BF16;
+  }
+  throw std::invalid_argument("unsupported dtype");
+}
+
+bool supported_dtype(mx::Dtype d) {
+  return d == mx::float32 || d == mx::float16 || d == mx::bfloat16;
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    os << (i ? ", " : "") << a.shape(static_cast<int>(i));
+  }
+  os << (a.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+[[noreturn]] void fail(const char* op, const std::string& msg) {
+  throw std::invalid_argument(std::string("[") + op + "] " + msg);
+}
+
+// The stream to run on: an explicit CPU stream/device, or the default CPU
+// stream. GPU streams are rejected (these kernels are CPU only).
+mx::Stream cpu_stream(const char* op, mx::StreamOrDevice s) {
+  if (std::holds_alternative<std::monostate>(s)) {
+    mx::Stream st = mx::to_stream(s);
+    return st.device == mx::Device::cpu ? st
+                                        : mx::default_stream(mx::Device::cpu);
+  }
+  mx::Stream st = mx::to_stream(s);
+  if (st.device != mx::Device::cpu) {
+    fail(op, "only CPU streams/devices are supported");
+  }
+  return st;
+}
+
+// Single-row activation: [n] or [..., n] with all leading dims 1.
+int64_t single_row_len(const char* op, const char* name, const mx::array& a) {
+  if (a.ndim() < 1) {
+    fail(op, std::string(name) + " must have at least one dimension");
+  }
+  const int64_t n = a.shape(-1);
+  if (static_cast<int64_t>(a.size()) != n) {
+    fail(
+        op,
+        std::string(name) + " must hold a single row (decode), got shape " +
+            shape_str(a));
+  }
+  return n;
+}
+
+mx::array threshold_arg(
+    const char* op,
+    const mx::array& thr,
+    int64_t n,
+    const char* what,
+    mx::Stream st) {
+  const int64_t sz = static_cast<int64_t>(thr.size());
+  if (sz != 1 && sz != n) {
+    std::ostringstream os;
+    os << "threshold must have 1 or " << n << " (" << what
+       << ") elements, got shape " << shape_str(thr);
+    fail(op, os.str());
+  }
+  if (!mx::issubdtype(thr.dtype(), mx::floating) &&
+      !mx::issubdtype(thr.dtype(), mx::integer)) {
+    fail(op, "threshold must be a real number array");
+  }
+  return thr.dtype() == mx::float32 ? thr : mx::astype(thr, mx::float32, st);
+}
+
+// Where an input lives at eval time; not-row-contiguous inputs are gathered
+// into a dense buffer inside the dispatched task.
+struct Operand {
+  const char* ptr;
+  bool dense;
+  mx::Shape shape;
+  mx::Strides strides; // in elements
+  int itemsize;
+  int64_t size;
+};
+
+Operand operand(const mx::array& a) {
+  return Operand{
+      a.size() > 0 ? a.data<char>() : nullptr,
+      a.flags().row_contiguous || a.size() <= 1,
+      a.shape(),
+      a.strides(),
+      static_cast<int>(a.itemsize()),
+      static_cast<int64_t>(a.size())};
+}
+
+template <typename U>
+void gather(const Operand& o, U* dst) {
+  const U* src = reinterpret_cast<const U*>(o.ptr);
+  const int nd = static_cast<int>(o.shape.size());
+  if (nd == 0) {
+    dst[0] = src[0];
+    return;
+  }
+  const int64_t inner = o.shape[nd - 1];
+  const int64_t inner_stride = o.strides[nd - 1];
+  std::vector<int64_t> pos(nd, 0);
+  int64_t n = 0;
+  while (n < o.size) {
+    int64_t off = 0;
+    for (int d = 0; d < nd - 1; ++d) {
+      off += pos[d] * o.strides[d];
+    }
+    for (int64_t j = 0; j < inner; ++j) {
+      dst[n++] = src[off + j * inner_stride];
+    }
+    for (int d = nd - 2; d >= 0; --d) {
+      if (++pos[d] < o.shape[d]) {
+        break;
+      }
+      pos[d] = 0;
+    }
+  }
+}
+
+const void* materialize(const Operand& o, std::vector<char>& buf) {
+  if (o.dense) {
+    return o.ptr;
+  }
+  buf.resize(static_cast<size_t>(o.size) * o.itemsize);
+  if (o.itemsize == 4) {
+    gather(o, reinterpret_cast<uint32_t*>(buf.data()));
+  } else if (o.itemsize == 2) {
+    gather(o, reinterpret_cast<uint16_t*>(buf.data()));
+  } else {
+    throw std::runtime_error("unexpected itemsize");
+  }
+  return buf.data();
+}
+
+// Per-stream-thread scratch, reused across calls.
+struct Scratch {
+  std::vector<int32_t> idx;
+  std::vector<float> vals;
+  std::vector<float> xf;
+  std::vector<float> parts;
+};
+
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Threads worth using for a GEMV reading work_bytes of weights (1: run
+// inline on the stream thread).
+int threads_for(int64_t work_bytes) {
+  if (work_bytes < kMinParallelBytes) {
+    return 1;
+  }
+  return pool::num_threads();
+}
+
+struct SpvmmJob {
+  K::SpvmmColsFn cols;
+  K::SpvmmPartialFn partial;
+  const void* wt;
+  int64_t out;
+  const int32_t* idx;
+  const float* vals;
+  int64_t nact;
+  int64_t chunk; // columns per task (column split)
+  float* parts; // [ntasks, out] partial sums (split-K)
+  void* y;
+};
+
+void spvmm_cols_task(void* ctx, int t, int) {
+  auto* j = static_cast<SpvmmJob*>(ctx);
+  const int64_t o0 = t * j->chunk;
+  const int64_t o1 = std::min(j->out, o0 + j->chunk);
+  if (o0 < o1) {
+    j->cols(j->wt, j->out, j->idx, j->vals, j->nact, o0, o1, j->y);
+  }
+}
+
+void spvmm_rows_task(void* ctx, int t, int ntasks) {
+  auto* j = static_cast<SpvmmJob*>(ctx);
+  const int64_t k0 = j->nact * t / ntasks;
+  const int64_t k1 = j->nact * (t + 1) / ntasks;
+  j->partial(
+      j->wt, j->out, j->idx, j->vals, k0, k1, 0, j->out, j->parts + t * j->out);
+}
+
+struct VmmspJob {
+  K::VmmspRowsFn fn;
+  const void* w;
+  int64_t in;
+  const float* xf;
+  const int32_t* idx;
+  const float* gates;
+  int64_t nact;
+  void* y;
+};
+
+void vmmsp_task(void* ctx, int t, int ntasks) {
+  auto* j = static_cast<VmmspJob*>(ctx);
+  const int64_t k0 = j->nact * t / ntasks;
+  const int64_t k1 = j->nact * (t + 1) / ntasks;
+  if (k0 < k1) {
+    j->fn(j->w, j->in, j->xf, j->idx, j->gates, k0, k1, j->y);
+  }
+}
+
+} // namespace
+
+std::string kernel_isa() {
+  return K::best().isa;
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Ops
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array sparse_in_gemv(
+    const mx::array& x,
+    const mx::array& wt,
+    const mx::array& threshold,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "sparse_in_gemv";
+  mx::Stream st = cpu_stream(op, s);
+  if (!supported_dtype(x.dtype())) {
+    fail(op, "x must be float32, float16 or bfloat16");
+  }
+  if (wt.dtype() != x.dtype()) {
+    fail(op, "wt must have the same dtype as x");
+  }
+  const int64_t in = single_row_len(op, "x", x);
+  if (wt.ndim() != 2 || wt.shape(0) != in) {
+    fail(
+        op,
+        "wt must have shape (in, out) = (" + std::to_string(in) +
+            ", out), got " + shape_str(wt));
+  }
+  mx::array thr = threshold_arg(op, threshold, in, "in", st);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = wt.shape(1);
+  return mx::array(
+      std::move(out_shape),
+      x.dtype(),
+      std::make_shared<SparseInGemv>(st),
+      {x, wt, thr});
+}
+
+mx::array sparse_out_gate_gemv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& gate,
+    const mx::array& threshold,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "sparse_out_gate_gemv";
+  mx::Stream st = cpu_stream(op, s);
+  if (!supported_dtype(x.dtype())) {
+    fail(op, "x must be float32, float16 or bfloat16");
+  }
+  if (w.dtype() != x.dtype() || gate.dtype() != x.dtype()) {
+    fail(op, "w and gate must have the same dtype as x");
+  }
+  const int64_t in = single_row_len(op, "x", x);
+  if (w.ndim() != 2 || w.shape(1) != in) {
+    fail(
+        op,
+        "w must have shape (out, in) = (out, " + std::to_string(in) +
+            "), got " + shape_str(w));
+  }
+  const int64_t out = w.shape(0);
+  if (gate.ndim() < 1 || static_cast<int64_t>(gate.size()) != out ||
+      gate.shape(-1) != out) {
+    fail(
+        op,
+        "gate must have " + std::to_string(out) +
+            " elements in its last axis, got shape " + shape_str(gate));
+  }
+  mx::array thr = threshold_arg(op, threshold, out, "out", st);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = static_cast<int>(out);
+  return mx::array(
+      std::move(out_shape),
+      x.dtype(),
+      std::make_shared<SparseOutGateGemv>(st),
+      {x, w, gate, thr});
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// CPU evaluation
+///////////////////////////////////////////////////////////////////////////////
+
+void SparseInGemv::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  const auto& wt = inputs[1];
+  const auto& thr = inputs[2];
+  auto& y = outputs[0];
+  y.set_data(mx::allocator::malloc(y.nbytes()));
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(wt);
+  encoder.set_input_array(thr);
+  encoder.set_output_array(y);
+
+  encoder.dispatch([xo = operand(x),
+                    wo = operand(wt),
+                    to = operand(thr),
+                    y_ptr = y.data<void>(),
+                    in = static_cast<int64_t>(wt.shape(0)),
+                    out = static_cast<int64_t>(wt.shape(1)),
+                    dt = kernel_dtype(y.dtype()),
+                    itemsize = static_cast<int64_t>(y.itemsize())]() {
+    if (out == 0) {
+      return;
+    }
+    const K::Table& kt = K::best();
+    std::vector<char> xbuf, wbuf, tbuf; // only used for strided inputs
+    const void* xp = materialize(xo, xbuf);
+    const void* wp = materialize(wo, wbuf);
+    const auto* tp = static_cast<const float*>(materialize(to, tbuf));
+    const int64_t tstride = to.size == 1 ? 0 : 1;
+
+    Scratch& sc = scratch();
+    sc.idx.resize(std::max<int64_t>(in, 1));
+    sc.vals.resize(std::max<int64_t>(in, 1));
+    const int64_t nact = kt.collect_in[dt](
+        xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
+
+    SpvmmJob job{
+        kt.spvmm_cols[dt],
+        kt.spvmm_partial[dt],
+        wp,
+        out,
+        sc.idx.data(),
+        sc.vals.data(),
+        nact,
+        out,
+        nullptr,
+        y_ptr};
+    const int nth = threads_for(nact * out * itemsize);
+    if (nth <= 1 || nact < 8) {
+      spvmm_cols_task(&job, 0, 1);
+      return;
+    }
+    if (out >= kMinColsPerTask * nth) {
+      // Output tiles: one column range per thread, no reduction.
+      const int64_t per = (out + nth - 1) / nth;
+      job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
+      pool::run(nth, &spvmm_cols_task, &job);
+      return;
+    }
+    // Split-K over the kept rows, then reduce the float32 partials.
+    const int ntasks = static_cast<int>(std::min<int64_t>(
+        static_cast<int64_t>(nth) * kTasksPerThread, nact / 4));
+    sc.parts.resize(static_cast<size_t>(ntasks) * out);
+    job.parts = sc.parts.data();
+    pool::run(ntasks, &spvmm_rows_task, &job);
+    kt.reduce_store[dt](sc.parts.data(), ntasks, out, 0, out, y_ptr);
+  });
+}
+
+void SparseOutGateGemv::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  const auto& gate = inputs[2];
+  const auto& thr = inputs[3];
+  auto& y = outputs[0];
+  y.set_data(mx::allocator::malloc(y.nbytes()));
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(w);
+  encoder.set_input_array(gate);
+  encoder.set_input_array(thr);
+  encoder.set_output_array(y);
+
+  encoder.dispatch([xo = operand(x),
+                    wo = operand(w),
+                    go = operand(gate),
+                    to = operand(thr),
+                    y_ptr = y.data<void>(),
+                    in = static_cast<int64_t>(w.shape(1)),
+                    out = static_cast<int64_t>(w.shape(0)),
+                    dt = kernel_dtype(y.dtype()),
+                    itemsize = static_cast<int64_t>(y.itemsize())]() {
+    if (out == 0) {
+      return;
+    }
+    const K::Table& kt = K::best();
+    std::vector<char> xbuf, wbuf, gbuf, tbuf; // only used for strided inputs
+    const void* xp = materialize(xo, xbuf);
+    const void* wp = materialize(wo, wbuf);
+    const void* gp = materialize(go, gbuf);
+    const auto* tp = static_cast<const float*>(materialize(to, tbuf));
+    const int64_t tstride = to.size == 1 ? 0 : 1;
+
+    Scratch& sc = scratch();
+    sc.idx.resize(out);
+    sc.vals.resize(out);
+    sc.xf.resize(std::max<int64_t>(in, 1));
+    const int64_t nact = kt.collect_out[dt](
+        gp, out, tp, tstride, sc.idx.data(), sc.vals.data(), y_ptr);
+    if (nact == 0) {
+      return;
+    }
+    kt.to_f32[dt](xp, in, sc.xf.data());
+
+    VmmspJob job{
+        kt.vmmsp_rows[dt],
+        wp,
+        in,
+        sc.xf.data(),
+        sc.idx.data(),
+        sc.vals.data(),
+        nact,
+        y_ptr};
+    const int nth = threads_for(nact * in * itemsize);
+    if (nth <= 1 || nact < 8) {
+      vmmsp_task(&job, 0, 1);
+      return;
+    }
+    const int ntasks = static_cast<int>(std::min<int64_t>(
+        static_cast<int64_t>(nth) * kTasksPerThread, nact / 4));
+    pool::run(ntasks, &vmmsp_task, &job);
+  });
+}
+
+void SparseInGemv::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[SparseInGemv] not implemented on GPU; use a CPU stream.");
+}
+
+void SparseOutGateGemv::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[SparseOutGateGemv] not implemented on GPU; use a CPU stream.");
+}
+
+} // namespace chess_mlx
