@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, sparsify, track_sparsity
+from .sparsify import METHODS, kernel_backend, sparsify, track_sparsity
 from .thresholds import load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
 
@@ -84,7 +84,8 @@ def main(argv=None):
         sampler = make_sampler(args.temp, args.top_p)
 
         if args.verbose:
-            print(f"Model: {name} | method {args.method}, sparsity {args.sparsity:g}")
+            print(f"Model: {name} | method {args.method}, sparsity {args.sparsity:g} | "
+                  f"decode: {kernel_backend(model)}")
             print("=" * 10)
         text, response = [], None
         with track_sparsity(model) as tracker:

@@ -77,10 +77,28 @@ class DecodeKernels(Protocol):
 
 
 def default_kernels() -> Optional[DecodeKernels]:
-    """The Metal kernels where Metal runs, else None (the reference path)."""
-    from . import kernels
+    """Decode kernels for the default device: Metal on the GPU, the compiled
+    extension on the CPU, or None (the reference path) when neither is there."""
+    if mx.default_device() == mx.gpu:
+        from . import kernels
 
-    return kernels if kernels.metal_available() else None
+        return kernels if kernels.metal_available() else None
+    from . import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.available() else None
+
+
+def kernel_backend(model: nn.Module) -> str:
+    """Which decode path a patched model takes, in words."""
+    used = {
+        getattr(m._kernels, "__name__", type(m._kernels).__name__)
+        for m in sparse_modules(model)
+        if m._kernels is not None
+    }
+    if not used:
+        return "reference path (plain MLX ops)"
+    names = {"chess_mlx.kernels": "Metal kernels", "chess_mlx.cpu_kernels": "CPU extension kernels"}
+    return ", ".join(sorted(names.get(u, u) for u in used))
 
 
 class InputMajorLinear(nn.Module):
@@ -250,8 +268,9 @@ def sparsify(
     calibrated targets, or 0 (no entry is dropped).
 
     ``kernels`` runs one-token calls (decode) of float layers through sparse
-    GEMVs: ``"auto"`` picks the Metal kernels where Metal runs, ``None``
-    keeps the reference path everywhere. Prompts (several tokens) always take
+    GEMVs: ``"auto"`` picks them for the default device at patch time (Metal
+    on the GPU, the compiled extension on the CPU), ``None`` keeps the
+    reference path everywhere. Prompts (several tokens) always take
     the reference path. The weights the kernels read input-major (down_proj,
     and q_proj/o_proj under chess+) are re-laid once, not duplicated.
     """

@@ -98,3 +98,22 @@ def test_check_command_logic_runs_on_cpu_fallback(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "no Metal GPU here" in capsys.readouterr().err
+
+
+def test_cpu_extension_decode_step_matches_reference(float_llama):
+    from chess_mlx import cpu_kernels
+    from chess_mlx.sparsify import kernel_backend
+
+    if not cpu_kernels.available():
+        pytest.skip(f"CPU extension unavailable: {cpu_kernels.unavailable_reason()}")
+    model, thresholds = float_llama
+    prompt, token = random_windows(1, 9, seed=8)[0], 3
+    for method in ("chess", "chess+"):
+        sparsify(model, thresholds, method, 0.7, kernels=None)
+        assert kernel_backend(model) == "reference path (plain MLX ops)"
+        reference = decode_logits(model, prompt, token)
+        sparsify(model, thresholds, method, 0.7, kernels=cpu_kernels)
+        assert kernel_backend(model) == "CPU extension kernels"
+        np.testing.assert_allclose(np.array(decode_logits(model, prompt, token)), np.array(reference),
+                                   rtol=1e-4, atol=1e-4)
+    unsparsify(model)
