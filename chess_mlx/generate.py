@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, kernel_backend, sparsify, track_sparsity
+from .sparsify import METHODS, kernel_backend, model_layers, sparsify, track_sparsity
 from .thresholds import load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
 
@@ -40,10 +40,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def resolve_thresholds(model, args):
+    """The thresholds to patch with, or None for the dense method."""
+    if args.method == "dense":
+        return None
+    model_layers(model)  # an unsupported architecture fails here, in one line
     if args.thresholds is not None:
         return load_thresholds(args.thresholds)
     thresholds = shipped_thresholds(model)
-    if thresholds is None and args.method != "dense":
+    if thresholds is None:
         raise ChessError(
             "no shipped thresholds fit this model: calibrate with "
             "`python -m chess_mlx.calibrate` and pass --thresholds"
@@ -74,6 +78,8 @@ def main(argv=None):
     with cli_errors("chess_mlx.generate"):
         if args.max_tokens < 1:
             raise ChessError(f"--max-tokens must be positive, got {args.max_tokens}")
+        if not 0 <= args.sparsity < 1:
+            raise ChessError(f"sparsity must be in [0, 1), got {args.sparsity:g}")
         if args.seed is not None:
             mx.random.seed(args.seed)
         model, tokenizer, name = load_from_args(args)
