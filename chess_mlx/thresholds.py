@@ -131,6 +131,9 @@ class Thresholds:
         os.close(fd)
         try:
             mx.save_safetensors(tmp, arrays, metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates it private
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
