@@ -6,7 +6,7 @@
 
 import argparse
 import math
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,27 +17,40 @@ from .calibrate import parse_sparsities
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, sparsify, track_sparsity, unsparsify
+from .sparsify import METHODS, model_layers, sparsify, track_sparsity, unsparsify
 from .thresholds import load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
 
 
-def window_nll(model: nn.Module, window: Sequence[int]) -> mx.array:
-    """Summed negative log-likelihood of tokens 1.. of ``window``."""
+def window_nll(model: nn.Module, window: Sequence[int], scored: Optional[int] = None) -> mx.array:
+    """Summed negative log-likelihood of the last ``scored`` tokens of
+    ``window`` (default: tokens 1..)."""
     tokens = mx.array(window)[None]
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="sum")
+    scored = len(window) - 1 if scored is None else scored
+    logits = model(tokens[:, :-1])[:, -scored:].astype(mx.float32)
+    return nn.losses.cross_entropy(logits, tokens[:, -scored:], reduction="sum")
 
 
-def eval_ppl(model: nn.Module, windows: Sequence[Sequence[int]], progress: bool = True) -> Dict[str, float]:
+def eval_ppl(
+    model: nn.Module,
+    windows: Sequence[Sequence[int]],
+    progress: bool = True,
+    scored: Optional[Sequence[int]] = None,
+) -> Dict[str, float]:
     """Perplexity over windows (each scored independently) with the standard
-    error of the mean token loss, estimated from per-window losses."""
+    error of the mean token loss, estimated from per-window losses.
+
+    ``scored`` gives, per window, how many of its last tokens count (the rest
+    is context, see :func:`strided_windows`); by default all but the first.
+    """
     losses, counts = [], []
-    for window in tqdm(windows, desc="perplexity", unit="win", disable=not progress, leave=False):
-        nll = window_nll(model, window)
+    scored = [len(w) - 1 for w in windows] if scored is None else scored
+    for window, count in tqdm(list(zip(windows, scored)), desc="perplexity", unit="win",
+                              disable=not progress, leave=False):
+        nll = window_nll(model, window, count)
         mx.eval(nll)
         losses.append(nll.item())
-        counts.append(len(window) - 1)
+        counts.append(count)
     losses, counts = np.array(losses), np.array(counts)
     mean = losses.sum() / counts.sum()
     per_window = losses / counts
@@ -47,12 +60,57 @@ def eval_ppl(model: nn.Module, windows: Sequence[Sequence[int]], progress: bool 
     return {"ppl": math.exp(mean), "loss": mean, "loss_stderr": stderr, "tokens": int(counts.sum())}
 
 
+def strided_windows(
+    documents: Sequence[str],
+    tokenizer,
+    window: int,
+    stride: int,
+    num_tokens: Optional[int] = None,
+) -> Tuple[List[List[int]], List[int]]:
+    """Windows of ``window`` tokens every ``stride`` tokens of each document,
+    and per window how many of its last tokens are new (scored); the overlap
+    is context. ``num_tokens`` caps the tokens covered, as in token_windows."""
+    if not 0 < stride <= window:
+        raise ChessError(f"--stride must be in [1, --window], got {stride}")
+    windows, scored, total = [], [], 0
+    for doc in documents:
+        tokens = tokenizer.encode(doc)
+        end = 0
+        while end < len(tokens) - 1:
+            new_end = min(end + stride if end else window, len(tokens))
+            if num_tokens is not None:
+                new_end = min(new_end, end + num_tokens - total)
+            piece = tokens[max(0, new_end - window) : new_end]
+            count = min(new_end - end, len(piece) - 1)
+            if count > 0:
+                windows.append(piece)
+                scored.append(count)
+            total += new_end - end
+            end = new_end
+            if num_tokens is not None and total >= num_tokens:
+                return windows, scored
+    if num_tokens is not None:
+        raise ChessError(f"the data holds only {total} tokens, {num_tokens} asked (lower --tokens or add data)")
+    return windows, scored
+
+
+def ppl_windows(documents: Sequence[str], tokenizer, window: int, stride: Optional[int] = None,
+                num_tokens: Optional[int] = None) -> Tuple[List[List[int]], List[int]]:
+    """Non-overlapping windows (stride None) or strided ones, with scored counts."""
+    if stride is None:
+        windows = token_windows(documents, tokenizer, window, num_tokens)
+        return windows, [len(w) - 1 for w in windows]
+    return strided_windows(documents, tokenizer, window, stride, num_tokens)
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Perplexity of dense and sparsified models.")
     add_model_args(parser)
     parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files")
     parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. '30:'")
     parser.add_argument("--window", type=int, default=512, help="Tokens per window")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="Start a window every N tokens, scoring only its new tokens (default: --window, no overlap)")
     parser.add_argument("--tokens", type=int, default=None, help="Evaluate only the first N tokens")
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
     parser.add_argument("--methods", default="dense,chess", help=f"Comma-separated, from {', '.join(METHODS)}")
@@ -72,10 +130,13 @@ def main(argv=None):
         sparsities = parse_sparsities(args.sparsity)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
-        thresholds = load_thresholds(args.thresholds) if args.thresholds else shipped_thresholds(model)
-        if thresholds is None and methods != ["dense"]:
-            raise ChessError("no shipped thresholds fit this model: pass --thresholds")
-        windows = token_windows(documents, tokenizer, args.window, args.tokens)
+        thresholds = None
+        if methods != ["dense"]:
+            model_layers(model)
+            thresholds = load_thresholds(args.thresholds) if args.thresholds else shipped_thresholds(model)
+            if thresholds is None:
+                raise ChessError("no shipped thresholds fit this model: pass --thresholds")
+        windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
         print(f"{'method':8} {'sparsity':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
         for method in methods:
@@ -85,7 +146,7 @@ def main(argv=None):
                 else:
                     sparsify(model, thresholds, method, sparsity)
                 with track_sparsity(model) as tracker:
-                    result = eval_ppl(model, windows)
+                    result = eval_ppl(model, windows, scored=scored)
                 realized = ", ".join(f"{k} {v:.3f}" for k, v in sorted(tracker.summary().items()))
                 print(f"{method:8} {sparsity:8.2f} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  {realized}",
                       flush=True)
