@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer, _ = load(dtype="float32")
-    calibration = token_windows(load_documents([str(WIKITEXT)], ":30"), tokenizer, 1024, 8192)
-    thresholds = calibrate(model, calibration, [0.3, 0.5, 0.7], progress=False)
+    calibration = token_windows(load_documents([str(WIKITEXT)], ":30"), tokenizer, 512, 8192)
+    thresholds = calibrate(model, calibration, [0.5], progress=False)
     held_out = token_windows(load_documents([str(WIKITEXT)], "30:"), tokenizer, 512, 2048)
     return model, thresholds, held_out
 
