@@ -1,0 +1,643 @@
+"""Decode speed of CHESS sparsity: end to end, and per sparse kernel.
+
+    python -m chess_mlx.bench --output bench.json --plot bench.png
+    python -m chess_mlx.bench --model llama-1b-random --tokens 32 --reps 3
+    python -m chess_mlx.bench --short          # CI: under a minute on SmolLM2
+
+End to end: tokens/s of greedy decoding (a short prompt prefilled into a KV
+cache, then single-token steps, each evaluated) for stock mlx-lm (the
+unpatched model), our dense path (patched at sparsity 0: the kernels keep
+every channel) and every method at every sparsity. Configs are interleaved
+rep by rep so that changing machine load hits them alike; realized sparsity
+comes from a separate untimed pass. Kernel level: time of each projection's
+sparse GEMV versus the kept fraction of channels, beside the ideal (kept
+fraction times the kernel's time at 1) and MLX's dense matmul.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+from tqdm import tqdm
+
+from . import __version__
+from .blas import blas_in_use, reexec_with_openblas
+from .calibrate import calibrate, parse_sparsities
+from .costs import Shapes, decode_bytes, ideal_speedup
+from .errors import ChessError
+from .sparsify import (
+    METHODS, default_kernels, kernel_backend, model_layers, sparsify, track_sparsity, unsparsify,
+)
+from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
+from .utils import DTYPES, cli_errors, load, shipped_thresholds
+
+LLAMA_1B_ARGS = llama.ModelArgs(
+    model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+    vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
+)
+CALIBRATION_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-valid.txt"
+PROMPT = "The history of the city begins in the Roman period, when a small settlement grew up beside the river"
+STOCK, DENSE = "mlx-lm", "dense"
+
+
+@dataclass
+class Settings:
+    tokens: int = 64  # timed decode steps per rep
+    reps: int = 5
+    warmup: int = 2  # untimed decode steps before each timed run
+    prompt_tokens: int = 16  # models without a tokenizer get this many random ids
+    kernel_reps: int = 10
+    kept: Tuple[float, ...] = tuple(i / 10 for i in range(11))
+    # Decode streams every weight from memory once; cycling through weight
+    # copies larger than the last-level cache keeps kernel timings memory-bound.
+    cold_bytes: int = 256 << 20
+    calibration_windows: Tuple[int, int] = (4, 512)  # count, tokens each
+
+
+SHORT = Settings(tokens=4, reps=2, warmup=0, kernel_reps=2, kept=(0.0, 0.5, 1.0),
+                 cold_bytes=32 << 20, calibration_windows=(2, 64))
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # STOCK (the unpatched model), DENSE (ours at sparsity 0) or a sparse method
+    sparsity: float = 0.0
+
+    @property
+    def name(self) -> str:
+        if self.method == STOCK:
+            return "mlx-lm dense"
+        if self.method == DENSE:
+            return "chess_mlx dense"
+        return f"{self.method} {self.sparsity:g}"
+
+
+def make_configs(methods: Sequence[str], sparsities: Sequence[float]) -> List[Config]:
+    return [Config(STOCK), Config(DENSE)] + [Config(m, s) for m in methods for s in sparsities]
+
+
+def apply_config(model: nn.Module, thresholds: Thresholds, config: Config):
+    if config.method == STOCK:
+        unsparsify(model)
+    elif config.method == DENSE:
+        sparsify(model, thresholds, "chess", 0.0)  # zero thresholds: the kernels keep everything
+    else:
+        sparsify(model, thresholds, config.method, config.sparsity)
+    mx.eval(model.parameters())  # the input-major re-layout happens here, not in the timing
+
+
+# --------------------------------------------------------------------------
+# Models and thresholds
+# --------------------------------------------------------------------------
+def random_model(args: llama.ModelArgs, dtype: str = "float32", seed: int = 0) -> nn.Module:
+    """A Llama with random weights scaled so every projection keeps the scale
+    of its input (std 1/sqrt(fan_in)); embeddings have unit-norm rows."""
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            shape = module.weight.shape
+            module.weight = (mx.random.normal(shape) * shape[1] ** -0.5).astype(DTYPES[dtype])
+            mx.eval(module.weight)  # one at a time: the default init never materializes
+    model.set_dtype(DTYPES[dtype])
+    mx.eval(model.parameters())
+    return model
+
+
+def load_model(name: str, dtype: str) -> Tuple[nn.Module, Optional[object], str]:
+    """``(model, tokenizer or None, description)`` for a --model value."""
+    if name == "llama-1b-random":
+        return random_model(LLAMA_1B_ARGS, dtype), None, "random weights, Llama-3.2-1B shapes"
+    model, tokenizer, label = load(None if name == "smollm2" else name, dtype)
+    return model, tokenizer, label
+
+
+def random_ids(shape, vocab: int, seed: int) -> list:
+    return np.random.default_rng(seed).integers(0, vocab, shape).tolist()
+
+
+def calibration_windows(
+    tokenizer, vocab: int, data: Optional[str], settings: Settings
+) -> Tuple[List[List[int]], str]:
+    from .data import load_documents, token_windows
+
+    count, length = settings.calibration_windows
+    if tokenizer is None:
+        # Random weights: thresholds only need the right shapes and scales, so
+        # few tokens do (prefill of a 1B model is slow on a CPU).
+        count, length = min(count, 2), min(length, 128)
+        return random_ids((count, length), vocab, 0), f"{count * length} random tokens"
+    path = Path(data) if data else CALIBRATION_TEXT
+    if not path.is_file():
+        raise ChessError(
+            "no shipped thresholds fit this model and no calibration text was found: pass "
+            "--thresholds FILE (from python -m chess_mlx.calibrate) or --calibration-data TEXT"
+        )
+    # The first 30 WikiText articles are the calibration split (see README).
+    documents = load_documents([str(path)], ":30" if data is None else None)
+    windows = token_windows(documents, tokenizer, length, count * length)
+    return windows, f"{count * length} tokens of {path.name}"
+
+
+def resolve_thresholds(
+    model: nn.Module, tokenizer, args: argparse.Namespace, sparsities: Sequence[float], settings: Settings
+) -> Tuple[Thresholds, str]:
+    """Thresholds from --thresholds, else the shipped ones, else calibrated
+    here on a few windows (good enough for speed, not for accuracy)."""
+    if args.thresholds:
+        thresholds, source = load_thresholds(args.thresholds), Path(args.thresholds).name
+    elif tokenizer is not None and (shipped := shipped_thresholds(model)) is not None:
+        thresholds, source = shipped, "shipped with chess_mlx"
+    else:
+        vocab = model_shapes(model).vocab
+        windows, what = calibration_windows(tokenizer, vocab, args.calibration_data, settings)
+        thresholds, source = calibrate(model, windows, sparsities), f"calibrated here on {what}"
+    thresholds.validate(model)
+    for s in sparsities:
+        thresholds.sparsity_index(s)
+    return thresholds, source
+
+
+def model_shapes(model: nn.Module) -> Shapes:
+    """The layer shapes :mod:`chess_mlx.costs` needs, read from an unpatched model."""
+    layers = model_layers(model)
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    hidden, ffn = linear_dims(mlp.gate_proj)
+    attn_width = linear_dims(attn.q_proj)[1]
+    kv_width = linear_dims(attn.k_proj)[1]
+    heads = getattr(attn, "n_heads", attn_width)
+    head_dim = attn_width // heads
+    embed = getattr(model, "model", model).embed_tokens
+    return Shapes(hidden=hidden, intermediate=ffn, layers=len(layers), heads=heads,
+                  kv_heads=kv_width // head_dim, head_dim=head_dim, vocab=embed.weight.shape[0])
+
+
+def prompt_ids(tokenizer, vocab: int, settings: Settings) -> mx.array:
+    if tokenizer is None:
+        return mx.array(random_ids(settings.prompt_tokens, vocab, 1))
+    return mx.array(tokenizer.encode(PROMPT))
+
+
+# --------------------------------------------------------------------------
+# End-to-end decode
+# --------------------------------------------------------------------------
+def greedy(logits: mx.array) -> mx.array:
+    return mx.argmax(logits[:, -1], axis=-1)
+
+
+def prefill(model: nn.Module, prompt: mx.array) -> Tuple[list, mx.array]:
+    cache = make_prompt_cache(model)
+    y = greedy(model(prompt[None], cache=cache))
+    mx.eval(y, [c.state for c in cache])
+    return cache, y
+
+
+def decode_steps(model: nn.Module, cache: list, y: mx.array, steps: int) -> mx.array:
+    for _ in range(steps):
+        y = greedy(model(y[:, None], cache=cache))
+        mx.eval(y)
+    return y
+
+
+def decode_speed(model: nn.Module, prompt: mx.array, steps: int, warmup: int) -> float:
+    """Tokens/s of ``steps`` decode steps after ``warmup`` untimed ones."""
+    cache, y = prefill(model, prompt)
+    y = decode_steps(model, cache, y, warmup)
+    start = time.perf_counter()
+    decode_steps(model, cache, y, steps)
+    return steps / (time.perf_counter() - start)
+
+
+def realized_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Dict[str, float]:
+    """Dropped fraction per projection kind over decode steps (prompt excluded)."""
+    cache, y = prefill(model, prompt)
+    with track_sparsity(model) as tracker:
+        decode_steps(model, cache, y, steps)
+    return tracker.summary()
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "min": float(np.min(values)), "max": float(np.max(values)),
+            "q1": float(q1), "q3": float(q3)}
+
+
+def realized_ideal(shapes: Shapes, sparsity: Dict[str, float]) -> float:
+    """Ideal speed-up for the realized (not the target) sparsity."""
+    gate = sparsity.get("gate", 0.0)
+    skipped = {"up_proj": gate, "down_proj": gate,
+               "q_proj": sparsity.get("q_proj", 0.0), "o_proj": sparsity.get("o_proj", 0.0)}
+    return sum(decode_bytes(shapes, 1.0).values()) / sum(decode_bytes(shapes, 1.0, skipped).values())
+
+
+def bench_decode(
+    model: nn.Module,
+    thresholds: Thresholds,
+    prompt: mx.array,
+    configs: Sequence[Config],
+    settings: Settings,
+    shapes: Shapes,
+    bar: tqdm,
+) -> List[Dict]:
+    """One row per config: tokens/s over interleaved reps, speed-ups, sparsity."""
+    paths, sparsity = {}, {}
+    bar.set_description("decode (warm-up, sparsity)")
+    for config in configs:
+        apply_config(model, thresholds, config)
+        paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(model)
+        sparsity[config] = realized_sparsity(model, prompt, settings.tokens)
+        bar.update()
+    speeds = {config: [] for config in configs}
+    bar.set_description("decode")
+    for _ in range(settings.reps):
+        for config in configs:
+            apply_config(model, thresholds, config)
+            speeds[config].append(decode_speed(model, prompt, settings.tokens, settings.warmup))
+            bar.update()
+    unsparsify(model)
+    stock, dense = np.array(speeds[configs[0]]), np.array(speeds[configs[1]])
+    rows = []
+    for config in configs:
+        tps = np.array(speeds[config])
+        method = config.method if config.method not in (STOCK, DENSE) else "dense"
+        rows.append({
+            "config": config.name,
+            "method": config.method,
+            "sparsity": config.sparsity,
+            "decode_path": paths[config],
+            "tokens_per_s": {**spread(tps), "reps": tps.tolist()},
+            # Paired per rep: both ran within moments of each other.
+            "speedup": spread(tps / stock),
+            "speedup_vs_dense_path": spread(tps / dense),
+            "ideal_speedup": ideal_speedup(shapes, method, config.sparsity),
+            "ideal_speedup_realized": realized_ideal(shapes, sparsity[config]),
+            "realized_sparsity": sparsity[config],
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Kernel level
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelShape:
+    projections: Tuple[str, ...]
+    kernel: str  # "sparse_in_gemv" or "sparse_out_gate_gemv"
+    n_in: int
+    n_out: int
+
+
+def kernel_shapes(shapes: Shapes) -> List[KernelShape]:
+    """The GEMV each sparsified projection runs at decode, one per distinct shape."""
+    attn, h, f = shapes.heads * shapes.head_dim, shapes.hidden, shapes.intermediate
+    wanted = [("q_proj", "sparse_in_gemv", h, attn), ("o_proj", "sparse_in_gemv", attn, h),
+              ("up_proj", "sparse_out_gate_gemv", h, f), ("down_proj", "sparse_in_gemv", f, h)]
+    merged: Dict[Tuple, List[str]] = {}
+    for name, kernel, n_in, n_out in wanted:
+        merged.setdefault((kernel, n_in, n_out), []).append(name)
+    return [KernelShape(tuple(names), *key) for key, names in merged.items()]
+
+
+def kept_vector(n: int, kept: float, seed: int = 0) -> mx.array:
+    """``n`` values of which exactly ``round(kept * n)``, at random places,
+    reach the threshold 1.0."""
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(0.0, 0.5, n)
+    values[rng.permutation(n)[: round(kept * n)]] += 1.0
+    return mx.array((values * rng.choice([-1.0, 1.0], n)).astype(np.float32))
+
+
+def time_per_call(call: Callable[[mx.array], mx.array], weights: Sequence[mx.array]) -> float:
+    """Seconds per call, one call per weight copy, evaluated together."""
+    outputs = [call(w) for w in weights]  # lazy: nothing has run yet
+    start = time.perf_counter()
+    mx.eval(outputs)
+    return (time.perf_counter() - start) / len(weights)
+
+
+def kernel_calls(shape: KernelShape, kernels, kept: Sequence[float], dtype) -> Dict[object, Callable]:
+    """Per kept fraction the kernel call, and under "mlx" MLX's dense matmul
+    as the stock nn.Linear does it (``x @ W.T`` on the ``[out, in]`` weight)."""
+    x = kept_vector(shape.n_in, 1.0).astype(dtype)[None]  # one row, as a decode step has
+    calls: Dict[object, Callable] = {"mlx": lambda w: x @ w.T}
+    for k in kept:
+        if shape.kernel == "sparse_in_gemv":
+            xk = kept_vector(shape.n_in, k).astype(dtype)[None]
+            calls[k] = lambda wt, xk=xk: kernels.sparse_in_gemv(xk, wt, 1.0)
+        else:
+            gate = kept_vector(shape.n_out, k).astype(dtype)
+            calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_gemv(x, w, gate, 1.0)
+    return calls
+
+
+def weight_copies(shape: KernelShape, settings: Settings, dtype) -> Tuple[List[mx.array], List[mx.array]]:
+    """Random weights in the kernel's layout and in nn.Linear's, enough copies
+    to exceed ``settings.cold_bytes``."""
+    size = shape.n_in * shape.n_out * dtype.size
+    count = int(min(256, max(2, -(-settings.cold_bytes // size))))
+    scale = shape.n_in**-0.5
+    linear = [(mx.random.normal((shape.n_out, shape.n_in)) * scale).astype(dtype) for _ in range(count)]
+    mx.eval(linear)
+    if shape.kernel == "sparse_out_gate_gemv":
+        return linear, linear
+    layout = [(mx.random.normal((shape.n_in, shape.n_out)) * scale).astype(dtype) for _ in range(count)]
+    mx.eval(layout)
+    return layout, linear
+
+
+def bench_kernels(shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm) -> List[Dict]:
+    """Per projection shape: kernel time versus kept fraction, interleaved over reps."""
+    kept = sorted(set(settings.kept) | {1.0})
+    rows = []
+    bar.set_description("kernels")
+    for shape in kernel_shapes(shapes):
+        sparse_weights, linear_weights = weight_copies(shape, settings, dtype)
+        calls = kernel_calls(shape, kernels, kept, dtype)
+        weights = {key: linear_weights if key == "mlx" else sparse_weights for key in calls}
+        for key, call in calls.items():  # warm-up
+            time_per_call(call, weights[key][:2])
+        times = {key: [] for key in calls}
+        for _ in range(settings.kernel_reps):
+            for key, call in calls.items():
+                times[key].append(time_per_call(call, weights[key]) * 1e6)
+                bar.update()
+        rows.append(kernel_row(shape, len(sparse_weights), times, dtype))
+        del sparse_weights, linear_weights, weights
+    return rows
+
+
+def kernel_row(shape: KernelShape, copies: int, times: Dict[object, List[float]], dtype) -> Dict:
+    size = shape.n_in * shape.n_out * dtype.size
+    full = float(np.median(times[1.0]))
+    mlx_dense = spread(times["mlx"])
+    return {
+        "projections": list(shape.projections),
+        "kernel": shape.kernel,
+        "in": shape.n_in,
+        "out": shape.n_out,
+        "weight_bytes": size,
+        "copies": copies,
+        "mlx_dense_us": mlx_dense,
+        "mlx_dense_gb_per_s": size / mlx_dense["median"] / 1e3,
+        "kernel_dense_gb_per_s": size / full / 1e3,
+        "points": [
+            {"kept": k, "time_us": spread(v), "ideal_us": k * full}
+            for k, v in times.items() if k != "mlx"
+        ],
+    }
+
+
+# --------------------------------------------------------------------------
+# Machine, output
+# --------------------------------------------------------------------------
+def cpu_model() -> Optional[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                  capture_output=True, text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or None
+
+
+def kernel_info(kernels) -> Dict[str, object]:
+    """Which decode kernels run, and how (threads and ISA for the CPU ones)."""
+    from . import cpu_kernels
+
+    if kernels is None:
+        reason = cpu_kernels.unavailable_reason() if mx.default_device() == mx.cpu else "Metal unavailable"
+        return {"kernels": "none (reference path)", "reason": reason}
+    if kernels is cpu_kernels:
+        return {"kernels": "CPU extension", "threads": cpu_kernels.get_num_threads(),
+                "isa": cpu_kernels.kernel_isa()}
+    return {"kernels": "Metal"}
+
+
+def machine_info(kernels) -> Dict[str, object]:
+    import mlx_lm
+
+    gpu = mx.default_device() == mx.gpu
+    info = {
+        "backend": "gpu" if gpu else "cpu",
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "chess_mlx": __version__,
+        "blas": blas_in_use(),
+        **kernel_info(kernels),
+    }
+    if gpu:
+        try:
+            info["gpu"] = mx.metal.device_info().get("device_name")
+        except Exception:  # device_info moved between mlx versions; the name is a nicety
+            pass
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = list(os.getloadavg())
+    return info
+
+
+def format_sparsity(sparsity: Dict[str, float]) -> str:
+    return " ".join(f"{k.replace('_proj', '')} {v:.2f}" for k, v in sorted(sparsity.items())) or "-"
+
+
+def print_decode(rows: List[Dict]):
+    print(f"{'config':<16} {'tok/s':>7} {'(min-max)':>15} {'vs mlx-lm':>9} {'vs dense':>8} "
+          f"{'ideal':>6} {'@real':>6}  realized sparsity")
+    for r in rows:
+        t, s = r["tokens_per_s"], r["speedup"]
+        print(f"{r['config']:<16} {t['median']:7.2f} {'(%.2f-%.2f)' % (t['min'], t['max']):>15} "
+              f"{s['median']:8.2f}x {r['speedup_vs_dense_path']['median']:7.2f}x {r['ideal_speedup']:5.2f}x "
+              f"{r['ideal_speedup_realized']:5.2f}x  {format_sparsity(r['realized_sparsity'])}")
+
+
+def print_kernels(rows: List[Dict]):
+    for r in rows:
+        print(f"\n{'/'.join(r['projections'])}: {r['kernel']} {r['in']}x{r['out']} "
+              f"({r['weight_bytes'] / 2**20:.1f} MiB; kernel {r['kernel_dense_gb_per_s']:.1f} GB/s, "
+              f"MLX dense {r['mlx_dense_us']['median']:.0f} us = {r['mlx_dense_gb_per_s']:.1f} GB/s)")
+        print("  kept  " + " ".join(f"{p['kept']:6.2f}" for p in r["points"]))
+        print("  us    " + " ".join(f"{p['time_us']['median']:6.0f}" for p in r["points"]))
+        print("  ideal " + " ".join(f"{p['ideal_us']:6.0f}" for p in r["points"]))
+
+
+def plot(result: Dict, path: str):
+    """Two panels: decode speed-up vs sparsity, kernel time vs kept fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    rows = result["decode"]
+    stock = next(r for r in rows if r["method"] == STOCK)["speedup_vs_dense_path"]["median"]
+    # Against our dense path: the same kernels at sparsity 0, so only the
+    # skipped bytes differ, which is what the ideal models.
+    left.axhline(1.0, color="black", lw=0.8, label="chess_mlx dense (s=0)")
+    left.axhline(stock, color="gray", ls=":", label="mlx-lm dense")
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] not in (STOCK, DENSE))):
+        own = [r for r in rows if r["method"] == method]
+        x = [r["sparsity"] for r in own]
+        ratio = [r["speedup_vs_dense_path"] for r in own]
+        y = [q["median"] for q in ratio]
+        err = [[a - q["min"] for a, q in zip(y, ratio)], [q["max"] - a for a, q in zip(y, ratio)]]
+        color = f"C{i}"
+        left.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, label=f"{method} measured")
+        left.plot([0] + x, [1.0] + [r["ideal_speedup"] for r in own], "--", color=color, label=f"{method} ideal")
+    left.set(xlabel="target sparsity", ylabel="decode speed-up vs chess_mlx dense",
+             title=f"End-to-end decode ({result['model']['name']})")
+    left.legend(fontsize=8)
+    for i, r in enumerate(result["kernels"]):
+        color, label = f"C{i}", f"{'/'.join(r['projections'])} {r['in']}x{r['out']}"
+        kept = [p["kept"] for p in r["points"]]
+        right.plot(kept, [p["time_us"]["median"] for p in r["points"]], "o-", color=color, label=label)
+        right.plot(kept, [p["ideal_us"] for p in r["points"]], "--", color=color)
+        right.axhline(r["mlx_dense_us"]["median"], color=color, ls=":")
+    right.set(xlabel="kept fraction of channels", ylabel="time per call (us)",
+              title="Sparse GEMV (dashed: ideal, dotted: MLX dense)")
+    if result["kernels"]:
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no sparse kernels on this machine", ha="center", transform=right.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: Dict, output: Optional[str], plot_path: Optional[str]):
+    if output:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path:
+        plot(result, plot_path)
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+def run_benchmark(
+    model: nn.Module,
+    thresholds: Thresholds,
+    prompt: mx.array,
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    settings: Settings,
+    progress: bool = True,
+) -> Dict:
+    """Decode and kernel measurements for ``model`` (unpatched on return)."""
+    kernels = default_kernels()
+    shapes = model_shapes(unsparsify(model))
+    dtype = model.layers[0].mlp.gate_proj.weight.dtype
+    configs = make_configs(methods, sparsities)
+    kernel_points = (len(set(settings.kept) | {1.0}) + 1) * len(kernel_shapes(shapes)) * settings.kernel_reps
+    total = len(configs) * (settings.reps + 1) + (kernel_points if kernels is not None else 0)
+    with tqdm(total=total, unit="run", disable=not progress) as bar:
+        decode = bench_decode(model, thresholds, prompt, configs, settings, shapes, bar)
+        kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar) if kernels is not None else []
+    return {
+        "machine": machine_info(kernels),
+        "model": {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype).split(".")[-1]},
+        "settings": {**dataclasses.asdict(settings), "prompt_tokens": prompt.size},
+        "decode": decode,
+        "kernels": kernel_rows,
+    }
+
+
+def parse_methods(text: str) -> List[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS or m == "dense":
+            raise ChessError(f"unknown method '{m}' in --methods (choose from cats, chess, chess+)")
+    return list(dict.fromkeys(methods))
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    settings = SHORT if args.short else Settings()
+    given = {k: getattr(args, k) for k in ("tokens", "reps", "kernel_reps") if getattr(args, k) is not None}
+    for name, value in given.items():
+        if value < 1:
+            raise ChessError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return dataclasses.replace(settings, **given)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Benchmark CHESS decode speed, end to end and per kernel.")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (offline default), llama-1b-random (random weights, Llama-3.2-1B "
+                        "shapes) or a .gguf file, mlx-lm folder or Hugging Face repo")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="Weight type (float32: the fast one on CPUs)")
+    parser.add_argument("--thresholds", default=None,
+                        help="Thresholds file (default: the shipped ones, else calibrated here on a few windows)")
+    parser.add_argument("--calibration-data", default=None,
+                        help="Text to calibrate on when no thresholds fit (default: WikiText-2 in ../shared/data)")
+    parser.add_argument("--methods", default="cats,chess,chess+", help="Comma-separated sparse methods")
+    parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
+    parser.add_argument("--tokens", type=int, default=None, help="Timed decode steps per rep (default 64)")
+    parser.add_argument("--reps", type=int, default=None, help="Interleaved repetitions of every config (default 5)")
+    parser.add_argument("--kernel-reps", type=int, default=None, help="Repetitions of every kernel timing (default 10)")
+    parser.add_argument("--output", default=None, help="Write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="Write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--short", action="store_true",
+                        help="CI mode: few tokens and reps, kept fractions 0, 0.5, 1")
+    return parser
+
+
+def check_outputs(args: argparse.Namespace):
+    for path in (args.output, args.plot):
+        if path:
+            check_destination(path)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ChessError("--plot needs matplotlib: pip install 'chess_mlx[bench]'") from None
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas()
+    with cli_errors("chess_mlx.bench"):
+        methods, sparsities = parse_methods(args.methods), parse_sparsities(args.sparsity)
+        settings = make_settings(args)
+        check_outputs(args)
+        model, tokenizer, label = load_model(args.model, args.dtype)
+        thresholds, source = resolve_thresholds(model, tokenizer, args, sparsities, settings)
+        prompt = prompt_ids(tokenizer, model_shapes(model).vocab, settings)
+        result = run_benchmark(model, thresholds, prompt, methods, sparsities, settings)
+        result["model"].update(name=args.model, description=label, thresholds=source)
+        machine, dense_path = result["machine"], result["decode"][1]["decode_path"]
+        print(f"Model: {args.model} ({label}); thresholds {source}")
+        print(f"{machine['cpu']} | {machine['backend']} | {machine['blas']} | decode: {dense_path}\n")
+        if "kernels" not in dense_path:
+            print(f"warning: no sparse kernels, every config ran the reference path "
+                  f"({machine.get('reason')})", file=sys.stderr)
+        print_decode(result["decode"])
+        print_kernels(result["kernels"])
+        write_outputs(result, args.output, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The benchmark runs end to end (short mode) and writes what it promises."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import random_windows
+from mlx_lm.models import llama
+
+from chess_mlx import bench, costs, cpu_kernels
+from chess_mlx.calibrate import calibrate
+
+TINY = llama.ModelArgs(
+    model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=101,
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS, SPARSITIES = ["cats", "chess", "chess+"], [0.5, 0.7]
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    model = bench.random_model(TINY)
+    thresholds = calibrate(model, random_windows(), SPARSITIES, progress=False)
+    prompt = mx.array(random_windows(1, 8, seed=3)[0])
+    result = bench.run_benchmark(model, thresholds, prompt, METHODS, SPARSITIES, bench.SHORT, progress=False)
+    result["model"].update(name="tiny")
+    return result
+
+
+def check_result(result: dict, methods, sparsities):
+    assert {"machine", "model", "settings", "decode", "kernels"} <= result.keys()
+    assert {"backend", "platform", "mlx", "blas", "cpu", "kernels"} <= result["machine"].keys()
+    configs = [r["config"] for r in result["decode"]]
+    assert configs == ["mlx-lm dense", "chess_mlx dense"] + [f"{m} {s:g}" for m in methods for s in sparsities]
+    for row in result["decode"]:
+        assert row["tokens_per_s"]["median"] > 0 and min(row["tokens_per_s"]["reps"]) > 0
+        assert all(0 <= v <= 1 for v in row["realized_sparsity"].values())
+        assert row["ideal_speedup"] >= 1
+    sparse = [r for r in result["decode"] if r["method"] in methods]
+    assert all("gate" in r["realized_sparsity"] for r in sparse)
+    assert all({"q_proj", "o_proj"} <= r["realized_sparsity"].keys() for r in sparse if r["method"] == "chess+")
+
+
+def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
+    output = tmp_path / "bench.json"
+    bench.write_outputs(tiny_result, str(output), None)
+    result = json.loads(output.read_text())
+    check_result(result, METHODS, SPARSITIES)
+    if cpu_kernels.available():
+        assert result["decode"][1]["decode_path"] == "CPU extension kernels"
+        shapes = {(r["kernel"], r["in"], r["out"]) for r in result["kernels"]}
+        assert shapes == {("sparse_in_gemv", 64, 64), ("sparse_out_gate_gemv", 64, 96), ("sparse_in_gemv", 96, 64)}
+        for row in result["kernels"]:
+            assert [p["kept"] for p in row["points"]] == [0.0, 0.5, 1.0]
+            assert all(p["time_us"]["median"] > 0 for p in row["points"])
+
+
+def test_tiny_benchmark_writes_png(tiny_result, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    bench.write_outputs(tiny_result, None, str(png))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    bench.write_outputs({**tiny_result, "kernels": []}, None, str(png))  # no kernels: left panel only
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_model_shapes_match_costs():
+    assert bench.model_shapes(llama.Model(bench.LLAMA_1B_ARGS)) == costs.LLAMA_32_1B  # lazy: no weights made
+    names = [s.projections for s in bench.kernel_shapes(costs.SMOLLM2_135M)]
+    assert names == [("q_proj", "o_proj"), ("up_proj",), ("down_proj",)]
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.3, 1.0])
+def test_kept_vector_keeps_exactly(kept):
+    v = np.abs(np.array(bench.kept_vector(1000, kept)))
+    assert (v >= 1.0).sum() == round(kept * 1000)
+
+
+def test_random_model_activations_are_not_degenerate():
+    model = bench.random_model(TINY)
+    logits = model(mx.array(random_windows(1, 16)[0])[None])
+    assert 0.3 < logits.std().item() < 3
+
+
+@pytest.mark.parametrize("argv", [["--methods", "dense"], ["--sparsity", "1.5"], ["--tokens", "0"]])
+def test_cli_rejects_bad_flags_before_loading(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    assert "chess_mlx.bench: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_run_on_smollm2(tmp_path):
+    pytest.importorskip("matplotlib")
+    output, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    bench.main(["--short", "--methods", "chess,chess+", "--sparsity", "0.5",
+                "--output", str(output), "--plot", str(png)])
+    check_result(json.loads(output.read_text()), ["chess", "chess+"], [0.5])
+    assert png.read_bytes()[:8] == PNG_MAGIC
