@@ -18,9 +18,8 @@ import mlx.core as mx
 
 from . import kernels
 from .errors import ChessError
-from .utils import cli_errors
+from .utils import DTYPES, cli_errors
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOLERANCE = {mx.float16: 2e-2, mx.bfloat16: 5e-2, mx.float32: 1e-4}
 
 

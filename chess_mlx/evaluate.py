@@ -30,7 +30,7 @@ from .calibrate import parse_sparsities
 from .data import load_documents
 from .errors import ChessError
 from .perplexity import eval_ppl, ppl_windows
-from .sparsify import METHODS, model_layers, sparsify, track_sparsity, unsparsify
+from .sparsify import METHODS, model_layers, parse_methods, sparsify, track_sparsity, unsparsify
 from .thresholds import check_destination, load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
 
@@ -315,16 +315,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_methods(text: str) -> List[str]:
-    methods = [m for m in text.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            raise ChessError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
-    if not methods:
-        raise ChessError("--methods is empty")
-    return methods
-
-
 def check_args(args: argparse.Namespace):
     """Fail on bad flags before the model loads."""
     parse_methods(args.methods)
@@ -338,11 +328,6 @@ def check_args(args: argparse.Namespace):
     for path in (args.output, args.markdown, args.plot):
         if path is not None:
             check_destination(path)
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ChessError("--plot needs matplotlib (pip install 'chess_mlx[eval]')") from None
 
 
 def resolve_thresholds(model: nn.Module, path: Optional[str], methods: Sequence[str]):

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
+from .utils import DTYPES
+
 if TYPE_CHECKING:
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 SUPPORTED_ARCHS = ("llama",)
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 # Bump when the converted output changes so stale cache folders are not reused.
 _CONVERTER_VERSION = 1

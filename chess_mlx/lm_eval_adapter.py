@@ -36,12 +36,11 @@ from .evaluate import (
     configurations,
     format_realized,
     loglikelihoods,
-    parse_methods,
     resolve_thresholds,
     score_continuations,
     start_tokens,
 )
-from .sparsify import SparsityTracker, sparsify, track_sparsity, unsparsify
+from .sparsify import SparsityTracker, parse_methods, sparsify, track_sparsity, unsparsify
 from .thresholds import Thresholds, check_destination
 from .utils import add_model_args, cli_errors, load
 

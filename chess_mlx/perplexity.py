@@ -17,7 +17,7 @@ from .calibrate import parse_sparsities
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, model_layers, sparsify, track_sparsity, unsparsify
+from .sparsify import METHODS, model_layers, parse_methods, sparsify, track_sparsity, unsparsify
 from .thresholds import load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
 
@@ -123,10 +123,7 @@ def main(argv=None):
     if argv is None:
         reexec_with_openblas()
     with cli_errors("chess_mlx.perplexity"):
-        methods = [m for m in args.methods.split(",") if m]
-        for m in methods:
-            if m not in METHODS:
-                raise ChessError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
+        methods = parse_methods(args.methods)
         sparsities = parse_sparsities(args.sparsity)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)

@@ -6,7 +6,7 @@ through them. Everything is plain MLX, so it works on every backend.
 """
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol
 
 import numpy as np
 
@@ -14,6 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ChessError
+
+if TYPE_CHECKING:
+    from .thresholds import Thresholds
 
 METHODS = ("dense", "cats", "chess", "chess+")
 
@@ -218,6 +221,17 @@ class InputSparseLinear(nn.Module):
 
 
 SPARSE_MODULES = (SparseMLP, InputSparseLinear)
+
+
+def parse_methods(text: str) -> List[str]:
+    """Comma-separated method names, checked, duplicates dropped."""
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    for m in methods:
+        if m not in METHODS:
+            raise ChessError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
+    if not methods:
+        raise ChessError("--methods is empty")
+    return methods
 
 
 def model_layers(model: nn.Module) -> list:

@@ -58,7 +58,6 @@ def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
 
 
 def test_tiny_benchmark_writes_png(tiny_result, tmp_path):
-    pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
     bench.write_outputs(tiny_result, None, str(png))
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -94,7 +93,6 @@ def test_cli_rejects_bad_flags_before_loading(argv, capsys):
 
 @pytest.mark.slow
 def test_short_run_on_smollm2(tmp_path):
-    pytest.importorskip("matplotlib")
     output, png = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--short", "--methods", "chess,chess+", "--sparsity", "0.5",
                 "--output", str(output), "--plot", str(png)])

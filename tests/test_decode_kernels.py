@@ -6,7 +6,6 @@ the GPU.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import random_windows, tiny_llama

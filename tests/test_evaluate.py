@@ -181,7 +181,6 @@ def test_evaluate_rows_per_method_and_sparsity(llama, thresholds):
 
 
 def test_run_writes_json_markdown_and_plot(llama, thresholds, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     thresholds_file = tmp_path / "t.safetensors"
     thresholds.save(str(thresholds_file))
     sparsify(llama, thresholds, "chess", 0.5)  # run() starts from any state
@@ -308,7 +307,6 @@ def test_adapter_cli_errors_before_loading(capsys):
 
 @pytest.mark.slow
 def test_cli_on_smollm2(tmp_path):
-    pytest.importorskip("matplotlib")
     from chess_mlx.utils import load
 
     model, tokenizer, _ = load(dtype="float32")
