@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .thresholds import Thresholds
 
 METHODS = ("dense", "cats", "chess", "chess+")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # The activation applied to gate_proj's output in each supported family.
 ACTIVATIONS: Dict[str, Callable[[mx.array], mx.array]] = {
@@ -109,17 +110,23 @@ class InputMajorLinear(nn.Module):
 
     Input-sparse GEMVs read one contiguous row of ``wt`` per active input
     channel; multi-token calls use a plain matmul on the same array, so the
-    weight is stored once.
+    weight is stored once. With ``kernels``, one-token calls go through the
+    input-sparse GEMV with nothing dropped: the projections that are not
+    sparsified (gate, k, v) then run on the same fast GEMV as the sparse ones.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernels: Optional["DecodeKernels"] = None):
         super().__init__()
         self.wt = mx.contiguous(linear.weight.T)
         if "bias" in linear:
             self.bias = linear.bias
+        self._kernels = kernels
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = x @ self.wt
+        if self._kernels is not None and is_decode(x):
+            y = self._kernels.sparse_in_gemv(x, self.wt, 0.0).reshape(*x.shape[:-1], -1)
+        else:
+            y = x @ self.wt
         return y + self.bias if "bias" in self else y
 
     def to_linear(self) -> nn.Linear:
@@ -170,6 +177,8 @@ class SparseMLP(nn.Module):
         up_ready = kernel_ready(dense.up_proj) and "bias" not in dense.up_proj
         if kernels is not None and up_ready and kernel_ready(dense.down_proj):
             dense.down_proj = InputMajorLinear(dense.down_proj)
+            if kernel_ready(dense.gate_proj):
+                dense.gate_proj = InputMajorLinear(dense.gate_proj, kernels)
             self._kernels = kernels
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -189,8 +198,10 @@ class SparseMLP(nn.Module):
         return add_bias(y, down).reshape(*x.shape[:-1], -1)
 
     def restore(self) -> nn.Module:
-        if isinstance(self.dense.down_proj, InputMajorLinear):
-            self.dense.down_proj = self.dense.down_proj.to_linear()
+        for name in ("gate_proj", "down_proj"):
+            module = getattr(self.dense, name)
+            if isinstance(module, InputMajorLinear):
+                setattr(self.dense, name, module.to_linear())
         return self.dense
 
 
@@ -259,10 +270,12 @@ def unsparsify(model: nn.Module) -> nn.Module:
         if isinstance(layer.mlp, SparseMLP):
             layer.mlp = layer.mlp.restore()
         attn = layer.self_attn
-        for proj in ("q_proj", "o_proj"):
+        for proj in ATTENTION_PROJECTIONS:
             module = getattr(attn, proj)
             if isinstance(module, InputSparseLinear):
                 setattr(attn, proj, module.restore())
+            elif isinstance(module, InputMajorLinear):
+                setattr(attn, proj, module.to_linear())
     return model
 
 
@@ -284,9 +297,10 @@ def sparsify(
     ``kernels`` runs one-token calls (decode) of float layers through sparse
     GEMVs: ``"auto"`` picks them for the default device at patch time (Metal
     on the GPU, the compiled extension on the CPU), ``None`` keeps the
-    reference path everywhere. Prompts (several tokens) always take
-    the reference path. The weights the kernels read input-major (down_proj,
-    and q_proj/o_proj under chess+) are re-laid once, not duplicated.
+    reference path everywhere. Prompts (several tokens) always take the
+    reference path. With kernels, every float projection of the layers except
+    up_proj is re-laid input-major once (not duplicated), and the ones that
+    are not sparsified run through the same GEMV with nothing dropped.
     """
     if method not in METHODS:
         raise ChessError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -301,10 +315,15 @@ def sparsify(
     taus = thresholds.select(method, sparsity)
     for i, layer in enumerate(layers):
         layer.mlp = SparseMLP(layer.mlp, activation, taus["gate"][i], f"layers.{i}.gate", kernels)
+        attn = layer.self_attn
         if method == "chess+":
-            attn = layer.self_attn
             attn.q_proj = InputSparseLinear(attn.q_proj, taus["q_proj"][i], f"layers.{i}.q_proj", kernels)
             attn.o_proj = InputSparseLinear(attn.o_proj, taus["o_proj"][i], f"layers.{i}.o_proj", kernels)
+        if kernels is not None:
+            for proj in ATTENTION_PROJECTIONS:
+                module = getattr(attn, proj)
+                if kernel_ready(module):
+                    setattr(attn, proj, InputMajorLinear(module, kernels))
     return model
 
 

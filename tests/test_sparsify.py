@@ -92,8 +92,11 @@ def test_chess_leaves_attention_dense(calibrated):
     assert not isinstance(model.layers[0].self_attn.q_proj, InputSparseLinear)
     sparsify(model, thresholds, "chess+", 0.5)
     sparsify(model, thresholds, "cats", 0.3)  # re-patching replaces, never stacks
-    assert isinstance(model.layers[0].mlp.dense.gate_proj, (nn.Linear, nn.QuantizedLinear))
+    assert type(model.layers[0].mlp.dense).__name__ == "MLP"
     assert not isinstance(model.layers[0].self_attn.q_proj, InputSparseLinear)
+    unsparsify(model)
+    assert isinstance(model.layers[0].mlp.gate_proj, (nn.Linear, nn.QuantizedLinear))
+    assert isinstance(model.layers[0].self_attn.k_proj, (nn.Linear, nn.QuantizedLinear))
 
 
 def test_realized_sparsity_tracking(calibrated):
