@@ -127,7 +127,7 @@ class InputMajorLinear(nn.Module):
             y = self._kernels.sparse_in_gemv(x, self.wt, 0.0).reshape(*x.shape[:-1], -1)
         else:
             y = x @ self.wt
-        return y + self.bias if "bias" in self else y
+        return add_bias(y, self)
 
     def to_linear(self) -> nn.Linear:
         out_dims, in_dims = self.wt.shape[1], self.wt.shape[0]
