@@ -151,6 +151,69 @@ def add_bias(y: mx.array, linear: nn.Module) -> mx.array:
     return y + linear.bias if "bias" in linear else y
 
 
+def dense_gemv(kernels: "DecodeKernels", x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` for one token on the stock ``[out, in]`` layout: the output
+    GEMV with a gate of ones and nothing dropped (exact: 1 * dot)."""
+    ones = mx.ones((w.shape[0],), dtype=w.dtype)
+    return kernels.sparse_out_gate_gemv(x, w, ones, 0.0).reshape(*x.shape[:-1], -1)
+
+
+class KernelHeadEmbedding(nn.Embedding):
+    """A tied embedding whose ``as_linear`` (the LM head) decodes through the
+    kernels; lookups and prompts are unchanged. Same weight array, no copy."""
+
+    def __init__(self, embedding: nn.Embedding, kernels: "DecodeKernels"):
+        nn.Module.__init__(self)  # nn.Embedding's would allocate a random table
+        self.weight = embedding.weight
+        self._kernels = kernels
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if is_decode(x):
+            return dense_gemv(self._kernels, x, self.weight)
+        return super().as_linear(x)
+
+    def restore(self) -> nn.Embedding:
+        embedding = nn.Embedding.__new__(nn.Embedding)
+        nn.Module.__init__(embedding)
+        embedding.weight = self.weight
+        return embedding
+
+
+class KernelHeadLinear(nn.Module):
+    """An untied LM head (nn.Linear) decoding through the kernels."""
+
+    def __init__(self, linear: nn.Linear, kernels: "DecodeKernels"):
+        super().__init__()
+        self.dense = linear
+        self._kernels = kernels
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if is_decode(x):
+            return add_bias(dense_gemv(self._kernels, x, self.dense.weight), self.dense)
+        return self.dense(x)
+
+    def restore(self) -> nn.Linear:
+        return self.dense
+
+
+def patch_lm_head(model: nn.Module, kernels: "DecodeKernels"):
+    body = getattr(model, "model", None)
+    embedding = getattr(body, "embed_tokens", None)
+    if type(embedding) is nn.Embedding:
+        body.embed_tokens = KernelHeadEmbedding(embedding, kernels)
+    head = getattr(model, "lm_head", None) if "lm_head" in model else None
+    if kernel_ready(head):
+        model.lm_head = KernelHeadLinear(head, kernels)
+
+
+def unpatch_lm_head(model: nn.Module):
+    body = getattr(model, "model", None)
+    if isinstance(getattr(body, "embed_tokens", None), KernelHeadEmbedding):
+        body.embed_tokens = body.embed_tokens.restore()
+    if "lm_head" in model and isinstance(model.lm_head, KernelHeadLinear):
+        model.lm_head = model.lm_head.restore()
+
+
 class SparseMLP(nn.Module):
     """Gated MLP whose activated gate is thresholded (CATS scalar or CHESS per channel).
 
@@ -266,6 +329,7 @@ def model_layers(model: nn.Module) -> list:
 
 def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place; the model computes densely again."""
+    unpatch_lm_head(model)
     for layer in model.layers:
         if isinstance(layer.mlp, SparseMLP):
             layer.mlp = layer.mlp.restore()
@@ -300,7 +364,8 @@ def sparsify(
     reference path everywhere. Prompts (several tokens) always take the
     reference path. With kernels, every float projection of the layers except
     up_proj is re-laid input-major once (not duplicated), and the ones that
-    are not sparsified run through the same GEMV with nothing dropped.
+    are not sparsified run through the same GEMV with nothing dropped; the
+    LM head (tied or not) decodes through the output GEMV on its own layout.
     """
     if method not in METHODS:
         raise ChessError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -324,6 +389,8 @@ def sparsify(
                 module = getattr(attn, proj)
                 if kernel_ready(module):
                     setattr(attn, proj, InputMajorLinear(module, kernels))
+    if kernels is not None:
+        patch_lm_head(model, kernels)
     return model
 
 

@@ -11,10 +11,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = SHARED_DATA / "wikitext-2-valid.txt"
 
 
-def tiny_llama(quantized: bool = False) -> nn.Module:
+def tiny_llama(quantized: bool = False, tied: bool = True) -> nn.Module:
     args = llama.ModelArgs(
         model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=101,
+        tie_word_embeddings=tied,
     )
     model = llama.Model(args)
     if quantized:

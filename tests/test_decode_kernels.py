@@ -54,8 +54,8 @@ def test_emulated_decode_step_matches_reference(float_llama, method):
     sparsify(model, thresholds, method, 0.7, kernels=emulated)
     assert isinstance(model.layers[0].mlp.dense.down_proj, InputMajorLinear)
     result = decode_logits(model, prompt, token)
-    # gate, up, down, q, k, v, o: one kernel call each; the prompt took the reference path
-    assert emulated.calls == 7 * len(model.layers)
+    # gate, up, down, q, k, v, o per layer and the LM head; the prompt took the reference path
+    assert emulated.calls == 7 * len(model.layers) + 1
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
     unsparsify(model)
 
@@ -116,3 +116,22 @@ def test_cpu_extension_decode_step_matches_reference(float_llama):
         np.testing.assert_allclose(np.array(decode_logits(model, prompt, token)), np.array(reference),
                                    rtol=1e-4, atol=1e-4)
     unsparsify(model)
+
+
+def test_untied_lm_head_decodes_through_kernels():
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(6)
+    model = tiny_llama(tied=False)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    sparsify(model, thresholds, "chess", 0.5, kernels=None)
+    reference = decode_logits(model, [1, 2, 3], 4)
+    emulated = EmulatedKernels()
+    sparsify(model, thresholds, "chess", 0.5, kernels=emulated)
+    result = decode_logits(model, [1, 2, 3], 4)
+    assert emulated.calls == 7 * len(model.layers) + 1
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+    unsparsify(model)
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
