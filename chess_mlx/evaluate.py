@@ -30,9 +30,9 @@ from .calibrate import parse_sparsities
 from .data import load_documents
 from .errors import ChessError
 from .perplexity import eval_ppl, ppl_windows
-from .sparsify import METHODS, model_layers, parse_methods, sparsify, track_sparsity, unsparsify
-from .thresholds import check_destination, load_thresholds
-from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
+from .sparsify import METHODS, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
+from .thresholds import check_destination
+from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
 
 @dataclass
@@ -229,10 +229,6 @@ def evaluate(
     return rows
 
 
-def format_realized(realized: Dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(realized.items())) or "-"
-
-
 def table_cells(row: dict, task_names: Sequence[str]) -> List[str]:
     cells = [row["method"], f"{row['sparsity']:.2f}"]
     if "perplexity" in row:
@@ -242,7 +238,7 @@ def table_cells(row: dict, task_names: Sequence[str]) -> List[str]:
         cells.append(f"{100 * t['acc_norm']:.1f} ± {100 * t['acc_norm_stderr']:.1f}")
     if task_names:
         cells.append(f"{100 * row['mean_acc_norm']:.1f}")
-    cells.append(format_realized(row["realized_sparsity"]))
+    cells.append(format_sparsity(row["realized_sparsity"]))
     return cells
 
 
@@ -328,17 +324,6 @@ def check_args(args: argparse.Namespace):
     for path in (args.output, args.markdown, args.plot):
         if path is not None:
             check_destination(path)
-
-
-def resolve_thresholds(model: nn.Module, path: Optional[str], methods: Sequence[str]):
-    """The thresholds file, else the shipped ones; None when only dense runs."""
-    if list(methods) == ["dense"]:
-        return None
-    model_layers(model)  # an unsupported model gets its one-line error first
-    thresholds = load_thresholds(path) if path else shipped_thresholds(model)
-    if thresholds is None:
-        raise ChessError("no shipped thresholds fit this model: pass --thresholds")
-    return thresholds
 
 
 def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> List[dict]:

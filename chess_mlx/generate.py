@@ -12,9 +12,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, kernel_backend, model_layers, sparsify, track_sparsity
-from .thresholds import load_thresholds
-from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
+from .sparsify import METHODS, format_sparsity, kernel_backend, sparsify, track_sparsity
+from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -39,22 +38,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_thresholds(model, args):
-    """The thresholds to patch with, or None for the dense method."""
-    if args.method == "dense":
-        return None
-    model_layers(model)  # an unsupported architecture fails here, in one line
-    if args.thresholds is not None:
-        return load_thresholds(args.thresholds)
-    thresholds = shipped_thresholds(model)
-    if thresholds is None:
-        raise ChessError(
-            "no shipped thresholds fit this model: calibrate with "
-            "`python -m chess_mlx.calibrate` and pass --thresholds"
-        )
-    return thresholds
-
-
 def build_prompt(tokenizer, args) -> list:
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
@@ -65,10 +48,6 @@ def build_prompt(tokenizer, args) -> list:
     messages.append({"role": "user", "content": prompt})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def format_sparsity(summary: dict) -> str:
-    return ", ".join(f"{name} {value:.3f}" for name, value in sorted(summary.items()))
 
 
 def main(argv=None):
@@ -83,7 +62,7 @@ def main(argv=None):
         if args.seed is not None:
             mx.random.seed(args.seed)
         model, tokenizer, name = load_from_args(args)
-        thresholds = resolve_thresholds(model, args)
+        thresholds = resolve_thresholds(model, args.thresholds, [args.method])
         if thresholds is not None:
             sparsify(model, thresholds, args.method, args.sparsity)
         prompt = build_prompt(tokenizer, args)

@@ -34,15 +34,13 @@ from .blas import reexec_with_openblas
 from .calibrate import parse_sparsities
 from .evaluate import (
     configurations,
-    format_realized,
     loglikelihoods,
-    resolve_thresholds,
     score_continuations,
     start_tokens,
 )
-from .sparsify import SparsityTracker, parse_methods, sparsify, track_sparsity, unsparsify
+from .sparsify import SparsityTracker, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
 from .thresholds import Thresholds, check_destination
-from .utils import add_model_args, cli_errors, load
+from .utils import add_model_args, cli_errors, load, resolve_thresholds
 
 
 @register_model("chess_mlx")
@@ -169,7 +167,7 @@ def main(argv=None):
             results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), limit=args.limit,
                                               num_fewshot=args.num_fewshot, task_manager=task_manager)
             realized = lm.realized_sparsity()
-            print(f"{name} | {method} {sparsity:g} | realized sparsity: {format_realized(realized)}")
+            print(f"{name} | {method} {sparsity:g} | realized sparsity: {format_sparsity(realized)}")
             print(make_table(results), flush=True)
             rows.append({"method": method, "sparsity": sparsity, "results": results["results"],
                          "realized_sparsity": realized})

@@ -17,9 +17,8 @@ from .calibrate import parse_sparsities
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, model_layers, parse_methods, sparsify, track_sparsity, unsparsify
-from .thresholds import load_thresholds
-from .utils import add_model_args, cli_errors, load_from_args, shipped_thresholds
+from .sparsify import METHODS, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
+from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
 
 def window_nll(model: nn.Module, window: Sequence[int], scored: Optional[int] = None) -> mx.array:
@@ -127,12 +126,7 @@ def main(argv=None):
         sparsities = parse_sparsities(args.sparsity)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
-        thresholds = None
-        if methods != ["dense"]:
-            model_layers(model)
-            thresholds = load_thresholds(args.thresholds) if args.thresholds else shipped_thresholds(model)
-            if thresholds is None:
-                raise ChessError("no shipped thresholds fit this model: pass --thresholds")
+        thresholds = resolve_thresholds(model, args.thresholds, methods)
         windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
         print(f"{'method':8} {'sparsity':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
@@ -144,7 +138,7 @@ def main(argv=None):
                     sparsify(model, thresholds, method, sparsity)
                 with track_sparsity(model) as tracker:
                     result = eval_ppl(model, windows, scored=scored)
-                realized = ", ".join(f"{k} {v:.3f}" for k, v in sorted(tracker.summary().items()))
+                realized = format_sparsity(tracker.summary())
                 print(f"{method:8} {sparsity:8.2f} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  {realized}",
                       flush=True)
 

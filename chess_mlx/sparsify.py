@@ -5,6 +5,7 @@ them, calibration measures the activations they act on, and evaluation runs
 through them. Everything is plain MLX, so it works on every backend.
 """
 
+import functools
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol
 
@@ -154,8 +155,13 @@ def add_bias(y: mx.array, linear: nn.Module) -> mx.array:
 def dense_gemv(kernels: "DecodeKernels", x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` for one token on the stock ``[out, in]`` layout: the output
     GEMV with a gate of ones and nothing dropped (exact: 1 * dot)."""
-    ones = mx.ones((w.shape[0],), dtype=w.dtype)
-    return kernels.sparse_out_gate_gemv(x, w, ones, 0.0).reshape(*x.shape[:-1], -1)
+    return kernels.sparse_out_gate_gemv(x, w, ones(w.shape[0], w.dtype), 0.0).reshape(*x.shape[:-1], -1)
+
+
+@functools.lru_cache(maxsize=8)
+def ones(n: int, dtype: mx.Dtype) -> mx.array:
+    """Built once per size, not on every decoded token."""
+    return mx.ones((n,), dtype=dtype)
 
 
 class KernelHeadEmbedding(nn.Embedding):
@@ -212,6 +218,11 @@ def unpatch_lm_head(model: nn.Module):
         body.embed_tokens = body.embed_tokens.restore()
     if "lm_head" in model and isinstance(model.lm_head, KernelHeadLinear):
         model.lm_head = model.lm_head.restore()
+
+
+def format_sparsity(summary: Dict[str, float]) -> str:
+    """'gate 0.501, q_proj 0.498' (or '-' when nothing was thresholded)."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary.items())) or "-"
 
 
 class SparseMLP(nn.Module):

@@ -4,7 +4,7 @@ import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -76,6 +76,24 @@ def shipped_thresholds(model: nn.Module):
             continue
         return thresholds
     return None
+
+
+def resolve_thresholds(model: nn.Module, path: Optional[str], methods: Sequence[str]):
+    """The thresholds ``methods`` need: the file at ``path``, else the shipped
+    ones for ``model``; None when only dense runs."""
+    from .sparsify import model_layers
+    from .thresholds import load_thresholds
+
+    if all(m == "dense" for m in methods):
+        return None
+    model_layers(model)  # an unsupported architecture fails here, in one line
+    thresholds = load_thresholds(path) if path else shipped_thresholds(model)
+    if thresholds is None:
+        raise ChessError(
+            "no shipped thresholds fit this model: calibrate with "
+            "`python -m chess_mlx.calibrate` and pass --thresholds"
+        )
+    return thresholds
 
 
 def add_model_args(parser: argparse.ArgumentParser):
