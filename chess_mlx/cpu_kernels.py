@@ -35,6 +35,8 @@ __all__ = [
     "module_present",
     "sparse_in_gemv",
     "sparse_out_gate_gemv",
+    "sparse_in_qgemv",
+    "sparse_out_gate_qgemv",
     "set_num_threads",
     "get_num_threads",
     "kernel_isa",
@@ -146,6 +148,45 @@ def sparse_out_gate_gemv(
     """
     return _require().sparse_out_gate_gemv(
         x, w, gate, _threshold(threshold), stream=stream
+    )
+
+
+def sparse_in_qgemv(
+    x: mx.array,
+    wq: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    threshold: Threshold,
+    group_size: int,
+    bits: int,
+    *,
+    stream: Stream = None,
+) -> mx.array:
+    """:func:`sparse_in_gemv` on affine-quantized weights in the input-major
+    re-layout of :mod:`chess_mlx.quantized` (``wq`` uint32 ``[in, out*bits/32]``,
+    ``scales``/``biases`` ``[in/group_size, out]``). A group's scales and
+    biases are read only when one of its channels is kept."""
+    return _require().sparse_in_qgemv(
+        x, wq, scales, biases, _threshold(threshold), group_size, bits, stream=stream
+    )
+
+
+def sparse_out_gate_qgemv(
+    x: mx.array,
+    wq: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    gate: mx.array,
+    threshold: Threshold,
+    group_size: int,
+    bits: int,
+    *,
+    stream: Stream = None,
+) -> mx.array:
+    """:func:`sparse_out_gate_gemv` on an ``nn.QuantizedLinear``'s own arrays
+    (``wq`` uint32 ``[out, in*bits/32]``, ``scales``/``biases`` ``[out, in/group_size]``)."""
+    return _require().sparse_out_gate_qgemv(
+        x, wq, scales, biases, gate, _threshold(threshold), group_size, bits, stream=stream
     )
 
 

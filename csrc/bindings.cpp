@@ -84,6 +84,57 @@ NB_MODULE(_cpu_kernels, m) {
             array: ``x.shape[:-1] + [out]``, dtype of ``x``.)");
 
   m.def(
+      "sparse_in_qgemv",
+      &chess_mlx::sparse_in_qgemv,
+      "x"_a,
+      "wq"_a,
+      "scales"_a,
+      "biases"_a,
+      "threshold"_a,
+      "group_size"_a,
+      "bits"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(Input-sparse GEMV on affine-quantized weights, input-major.
+
+        Args:
+            x (array): ``[in]`` or ``[..., in]`` holding one row.
+            wq (array): uint32 ``[in, out * bits / 32]``: input channel i's
+              codes for all outputs, packed along the outputs.
+            scales, biases (array): ``[in / group_size, out]``, dtype of x.
+            threshold (array): float32, 1 or ``in`` elements.
+            group_size (int), bits (int): 4 or 8.
+
+        Returns:
+            array: ``x.shape[:-1] + [out]``, dtype of ``x``.)");
+
+  m.def(
+      "sparse_out_gate_qgemv",
+      &chess_mlx::sparse_out_gate_qgemv,
+      "x"_a,
+      "wq"_a,
+      "scales"_a,
+      "biases"_a,
+      "gate"_a,
+      "threshold"_a,
+      "group_size"_a,
+      "bits"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(Output-sparse gated GEMV on MLX's QuantizedLinear layout.
+
+        Args:
+            x (array): ``[in]`` or ``[..., in]`` holding one row.
+            wq (array): uint32 ``[out, in * bits / 32]`` (QuantizedLinear.weight).
+            scales, biases (array): ``[out, in / group_size]``, dtype of x.
+            gate (array): ``out`` elements, dtype of x.
+            threshold (array): float32, 1 or ``out`` elements.
+            group_size (int), bits (int): 4 or 8.
+
+        Returns:
+            array: ``x.shape[:-1] + [out]``, dtype of ``x``.)");
+
+  m.def(
       "set_num_threads",
       &chess_mlx::pool::set_num_threads,
       "n"_a,

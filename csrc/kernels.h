@@ -57,6 +57,24 @@ using VmmspRowsFn = void (*)(
     const void* w, int64_t in, const float* xf, const int32_t* idx,
     const float* gates, int64_t k0, int64_t k1, void* y);
 
+// Affine-quantized weights (bits 4 or 8): uint32 words of 32/bits codes,
+// w = scale * code + bias, one scale/bias per group_size inputs.
+// qspvmm: codes input-major, wq[i, o / per] holds channel i's codes for
+// outputs o (per = 32/bits per word); scales/biases [in / group_size, out].
+// o0 and o1 are multiples of per.
+using QSpvmmColsFn = void (*)(
+    const uint32_t* wq, int64_t out, int bits, int64_t group_size,
+    const void* scales, const void* biases, const int32_t* idx,
+    const float* vals, int64_t nact, int64_t o0, int64_t o1, void* y);
+
+// qvmmsp: stock layout, wq[o, i / per], scales/biases [out, in / group_size];
+// xgsum[g] is the sum of xf over group g.
+using QVmmspRowsFn = void (*)(
+    const uint32_t* wq, int64_t in, int bits, int64_t group_size,
+    const void* scales, const void* biases, const float* xf,
+    const float* xgsum, const int32_t* idx, const float* gates, int64_t k0,
+    int64_t k1, void* y);
+
 struct Table {
   const char* isa;
   CollectInFn collect_in[NUM_DTYPES];
@@ -66,6 +84,8 @@ struct Table {
   CollectOutFn collect_out[NUM_DTYPES];
   ToF32Fn to_f32[NUM_DTYPES];
   VmmspRowsFn vmmsp_rows[NUM_DTYPES];
+  QSpvmmColsFn qspvmm_cols[NUM_DTYPES];
+  QVmmspRowsFn qvmmsp_rows[NUM_DTYPES];
 };
 
 const Table& table_generic();

@@ -536,6 +536,227 @@ void vmmsp_rows(
   }
 }
 
+// ---------------------------------------------------------------------------
+// Affine-quantized weights (see kernels.h). Codes are unpacked with shifts
+// and masks in the innermost loop over one word's codes, which vectorizes
+// (8 lanes at 4 bits); everything accumulates in float32.
+// ---------------------------------------------------------------------------
+
+// acc[c] += v * code(c) for the codes c of `words` words of one row.
+template <int BITS>
+inline void accumulate_codes(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* CHESS_MLX_RESTRICT row,
+    int64_t words,
+    float v) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  for (int64_t j = 0; j < words; ++j) {
+    const uint32_t u = row[j];
+    for (int t = 0; t < kPer; ++t) {
+      acc[j * kPer + t] += v * static_cast<float>((u >> (BITS * t)) & kMask);
+    }
+  }
+}
+
+// Two rows per pass: half the accumulator loads and stores.
+template <int BITS>
+inline void accumulate_codes2(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* CHESS_MLX_RESTRICT r0,
+    const uint32_t* CHESS_MLX_RESTRICT r1,
+    int64_t words,
+    float v0,
+    float v1) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  for (int64_t j = 0; j < words; ++j) {
+    const uint32_t u0 = r0[j];
+    const uint32_t u1 = r1[j];
+    for (int t = 0; t < kPer; ++t) {
+      acc[j * kPer + t] +=
+          v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
+          v1 * static_cast<float>((u1 >> (BITS * t)) & kMask);
+    }
+  }
+}
+
+// y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
+// bias[g(i), o]) for o in [o0, o1), computed per group g as
+// scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
+// biases are read only if one of its channels is kept.
+template <int DT, int BITS>
+void qspvmm_cols_bits(
+    const uint32_t* wq,
+    int64_t out,
+    int64_t group_size,
+    const void* scales_v,
+    const void* biases_v,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t nact,
+    int64_t o0,
+    int64_t o1,
+    void* yv) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+  constexpr int kPer = 32 / BITS;
+  const S* scales = static_cast<const S*>(scales_v);
+  const S* biases = static_cast<const S*>(biases_v);
+  S* y = static_cast<S*>(yv);
+  const int64_t words_per_row = out / kPer;
+  alignas(64) float yacc[kColTile];
+  alignas(64) float acc[kColTile];
+  for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
+    const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
+    const int64_t words = w / kPer;
+    for (int64_t j = 0; j < w; ++j) {
+      yacc[j] = 0.0f;
+    }
+    int64_t k = 0;
+    while (k < nact) {
+      const int64_t g = idx[k] / group_size;
+      int64_t end = k;
+      float xsum = 0.0f;
+      while (end < nact && idx[end] / group_size == g) {
+        xsum += vals[end];
+        ++end;
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        acc[j] = 0.0f;
+      }
+      int64_t r = k;
+      for (; r + 2 <= end; r += 2) {
+        accumulate_codes2<BITS>(
+            acc, wq + idx[r] * words_per_row + t0 / kPer,
+            wq + idx[r + 1] * words_per_row + t0 / kPer, words, vals[r],
+            vals[r + 1]);
+      }
+      if (r < end) {
+        accumulate_codes<BITS>(
+            acc, wq + idx[r] * words_per_row + t0 / kPer, words, vals[r]);
+      }
+      const S* sg = scales + g * out + t0;
+      const S* bg = biases + g * out + t0;
+      for (int64_t j = 0; j < w; ++j) {
+        yacc[j] += E::load(sg[j]) * acc[j] + E::load(bg[j]) * xsum;
+      }
+      k = end;
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      y[t0 + j] = E::store(yacc[j]);
+    }
+  }
+}
+
+template <int DT>
+void qspvmm_cols(
+    const uint32_t* wq,
+    int64_t out,
+    int bits,
+    int64_t group_size,
+    const void* scales,
+    const void* biases,
+    const int32_t* idx,
+    const float* vals,
+    int64_t nact,
+    int64_t o0,
+    int64_t o1,
+    void* y) {
+  if (bits == 4) {
+    qspvmm_cols_bits<DT, 4>(
+        wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
+  } else {
+    qspvmm_cols_bits<DT, 8>(
+        wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
+  }
+}
+
+// dot of one group's codes with xf: sum over the group's words.
+template <int BITS>
+inline float group_dot(
+    const uint32_t* CHESS_MLX_RESTRICT row,
+    const float* CHESS_MLX_RESTRICT xf,
+    int64_t words) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  float lanes[kPer] = {};
+  for (int64_t j = 0; j < words; ++j) {
+    const uint32_t u = row[j];
+    for (int t = 0; t < kPer; ++t) {
+      lanes[t] += xf[j * kPer + t] * static_cast<float>((u >> (BITS * t)) & kMask);
+    }
+  }
+  float s = 0.0f;
+  for (int t = 0; t < kPer; ++t) {
+    s += lanes[t];
+  }
+  return s;
+}
+
+// y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
+// for the kept rows k in [k0, k1) of the stock layout.
+template <int DT, int BITS>
+void qvmmsp_rows_bits(
+    const uint32_t* wq,
+    int64_t in,
+    int64_t group_size,
+    const void* scales_v,
+    const void* biases_v,
+    const float* CHESS_MLX_RESTRICT xf,
+    const float* CHESS_MLX_RESTRICT xgsum,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT gates,
+    int64_t k0,
+    int64_t k1,
+    void* yv) {
+  using E = Elem<DT>;
+  using S = typename E::S;
+  constexpr int kPer = 32 / BITS;
+  const S* scales = static_cast<const S*>(scales_v);
+  const S* biases = static_cast<const S*>(biases_v);
+  S* y = static_cast<S*>(yv);
+  const int64_t groups = in / group_size;
+  const int64_t group_words = group_size / kPer;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t o = idx[k];
+    const uint32_t* row = wq + o * (in / kPer);
+    const S* so = scales + o * groups;
+    const S* bo = biases + o * groups;
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float d =
+          group_dot<BITS>(row + g * group_words, xf + g * group_size, group_words);
+      total += E::load(so[g]) * d + E::load(bo[g]) * xgsum[g];
+    }
+    y[o] = E::store(gates[k] * total);
+  }
+}
+
+template <int DT>
+void qvmmsp_rows(
+    const uint32_t* wq,
+    int64_t in,
+    int bits,
+    int64_t group_size,
+    const void* scales,
+    const void* biases,
+    const float* xf,
+    const float* xgsum,
+    const int32_t* idx,
+    const float* gates,
+    int64_t k0,
+    int64_t k1,
+    void* y) {
+  if (bits == 4) {
+    qvmmsp_rows_bits<DT, 4>(
+        wq, in, group_size, scales, biases, xf, xgsum, idx, gates, k0, k1, y);
+  } else {
+    qvmmsp_rows_bits<DT, 8>(
+        wq, in, group_size, scales, biases, xf, xgsum, idx, gates, k0, k1, y);
+  }
+}
+
 } // namespace
 } // namespace CHESS_MLX_KERNEL_NS
 
@@ -552,6 +773,8 @@ const Table& CHESS_MLX_KERNEL_TABLE() {
       {&K::collect_out<F32>, &K::collect_out<F16>, &K::collect_out<BF16>},
       {&K::to_f32<F32>, &K::to_f32<F16>, &K::to_f32<BF16>},
       {&K::vmmsp_rows<F32>, &K::vmmsp_rows<F16>, &K::vmmsp_rows<BF16>},
+      {&K::qspvmm_cols<F32>, &K::qspvmm_cols<F16>, &K::qspvmm_cols<BF16>},
+      {&K::qvmmsp_rows<F32>, &K::qvmmsp_rows<F16>, &K::qvmmsp_rows<BF16>},
   };
   return table;
 }

@@ -201,6 +201,7 @@ struct Scratch {
   std::vector<float> vals;
   std::vector<float> xf;
   std::vector<float> parts;
+  std::vector<float> xgsum;
 };
 
 Scratch& scratch() {
@@ -264,6 +265,81 @@ void vmmsp_task(void* ctx, int t, int ntasks) {
   const int64_t k1 = j->nact * (t + 1) / ntasks;
   if (k0 < k1) {
     j->fn(j->w, j->in, j->xf, j->idx, j->gates, k0, k1, j->y);
+  }
+}
+
+struct QSpvmmJob {
+  K::QSpvmmColsFn fn;
+  const uint32_t* wq;
+  int64_t out;
+  int bits;
+  int64_t group_size;
+  const void* scales;
+  const void* biases;
+  const int32_t* idx;
+  const float* vals;
+  int64_t nact;
+  int64_t chunk;
+  void* y;
+};
+
+void qspvmm_task(void* ctx, int t, int) {
+  auto* j = static_cast<QSpvmmJob*>(ctx);
+  const int64_t o0 = t * j->chunk;
+  const int64_t o1 = std::min(j->out, o0 + j->chunk);
+  if (o0 < o1) {
+    j->fn(
+        j->wq, j->out, j->bits, j->group_size, j->scales, j->biases, j->idx,
+        j->vals, j->nact, o0, o1, j->y);
+  }
+}
+
+struct QVmmspJob {
+  K::QVmmspRowsFn fn;
+  const uint32_t* wq;
+  int64_t in;
+  int bits;
+  int64_t group_size;
+  const void* scales;
+  const void* biases;
+  const float* xf;
+  const float* xgsum;
+  const int32_t* idx;
+  const float* gates;
+  int64_t nact;
+  void* y;
+};
+
+void qvmmsp_task(void* ctx, int t, int ntasks) {
+  auto* j = static_cast<QVmmspJob*>(ctx);
+  const int64_t k0 = j->nact * t / ntasks;
+  const int64_t k1 = j->nact * (t + 1) / ntasks;
+  if (k0 < k1) {
+    j->fn(
+        j->wq, j->in, j->bits, j->group_size, j->scales, j->biases, j->xf,
+        j->xgsum, j->idx, j->gates, k0, k1, j->y);
+  }
+}
+
+void check_quantization(const char* op, int group_size, int bits) {
+  if (bits != 4 && bits != 8) {
+    fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
+  }
+  if (group_size <= 0 || group_size % (32 / bits) != 0) {
+    fail(
+        op,
+        "group_size must be a positive multiple of " +
+            std::to_string(32 / bits) + ", got " + std::to_string(group_size));
+  }
+}
+
+void check_float_operand(
+    const char* op,
+    const char* name,
+    const mx::array& a,
+    const mx::array& x) {
+  if (a.dtype() != x.dtype()) {
+    fail(op, std::string(name) + " must have the same dtype as x");
   }
 }
 
@@ -344,6 +420,106 @@ mx::array sparse_out_gate_gemv(
       x.dtype(),
       std::make_shared<SparseOutGateGemv>(st),
       {x, w, gate, thr});
+}
+
+mx::array sparse_in_qgemv(
+    const mx::array& x,
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& threshold,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "sparse_in_qgemv";
+  mx::Stream st = cpu_stream(op, s);
+  check_quantization(op, group_size, bits);
+  if (!supported_dtype(x.dtype())) {
+    fail(op, "x must be float32, float16 or bfloat16");
+  }
+  check_float_operand(op, "scales", scales, x);
+  check_float_operand(op, "biases", biases, x);
+  const int64_t in = single_row_len(op, "x", x);
+  const int per = 32 / bits;
+  if (scales.ndim() != 2 || in % group_size != 0 ||
+      scales.shape(0) != in / group_size || biases.shape() != scales.shape()) {
+    fail(
+        op,
+        "scales and biases must have shape (in / group_size, out), got " +
+            shape_str(scales) + " and " + shape_str(biases) + " for in = " +
+            std::to_string(in));
+  }
+  const int64_t out = scales.shape(1);
+  if (wq.dtype() != mx::uint32 || wq.ndim() != 2 || wq.shape(0) != in ||
+      wq.shape(1) * per != out) {
+    fail(
+        op,
+        "wq must be uint32 of shape (in, out / " + std::to_string(per) +
+            ") = (" + std::to_string(in) + ", " + std::to_string(out / per) +
+            "), got " + shape_str(wq));
+  }
+  mx::array thr = threshold_arg(op, threshold, in, "in", st);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = static_cast<int>(out);
+  return mx::array(
+      std::move(out_shape),
+      x.dtype(),
+      std::make_shared<SparseInQGemv>(st, group_size, bits),
+      {x, wq, scales, biases, thr});
+}
+
+mx::array sparse_out_gate_qgemv(
+    const mx::array& x,
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& gate,
+    const mx::array& threshold,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "sparse_out_gate_qgemv";
+  mx::Stream st = cpu_stream(op, s);
+  check_quantization(op, group_size, bits);
+  if (!supported_dtype(x.dtype())) {
+    fail(op, "x must be float32, float16 or bfloat16");
+  }
+  check_float_operand(op, "scales", scales, x);
+  check_float_operand(op, "biases", biases, x);
+  check_float_operand(op, "gate", gate, x);
+  const int64_t in = single_row_len(op, "x", x);
+  const int per = 32 / bits;
+  if (wq.dtype() != mx::uint32 || wq.ndim() != 2 || in % group_size != 0 ||
+      wq.shape(1) * per != in) {
+    fail(
+        op,
+        "wq must be uint32 of shape (out, in / " + std::to_string(per) +
+            ") with in a multiple of group_size, got " + shape_str(wq) +
+            " for in = " + std::to_string(in));
+  }
+  const int64_t out = wq.shape(0);
+  if (scales.ndim() != 2 || scales.shape(0) != out ||
+      scales.shape(1) != in / group_size || biases.shape() != scales.shape()) {
+    fail(
+        op,
+        "scales and biases must have shape (out, in / group_size), got " +
+            shape_str(scales) + " and " + shape_str(biases));
+  }
+  if (gate.ndim() < 1 || static_cast<int64_t>(gate.size()) != out ||
+      gate.shape(-1) != out) {
+    fail(
+        op,
+        "gate must have " + std::to_string(out) +
+            " elements in its last axis, got shape " + shape_str(gate));
+  }
+  mx::array thr = threshold_arg(op, threshold, out, "out", st);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = static_cast<int>(out);
+  return mx::array(
+      std::move(out_shape),
+      x.dtype(),
+      std::make_shared<SparseOutGateQGemv>(st, group_size, bits),
+      {x, wq, scales, biases, gate, thr});
 }
 
 ///////////////////////////////////////////////////////////////////////////////
@@ -488,6 +664,131 @@ void SparseOutGateGemv::eval_cpu(
         static_cast<int64_t>(nth) * kTasksPerThread, nact / 4));
     pool::run(ntasks, &vmmsp_task, &job);
   });
+}
+
+void SparseInQGemv::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& y = outputs[0];
+  y.set_data(mx::allocator::malloc(y.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(y);
+  const auto& wq = inputs[1];
+  encoder.dispatch([xo = operand(inputs[0]),
+                    wo = operand(wq),
+                    so = operand(inputs[2]),
+                    bo = operand(inputs[3]),
+                    to = operand(inputs[4]),
+                    y_ptr = y.data<void>(),
+                    in = static_cast<int64_t>(wq.shape(0)),
+                    out = static_cast<int64_t>(inputs[2].shape(1)),
+                    group_size = static_cast<int64_t>(group_size_),
+                    bits = bits_,
+                    dt = kernel_dtype(y.dtype())]() {
+    if (out == 0) {
+      return;
+    }
+    const K::Table& kt = K::best();
+    std::vector<char> xbuf, wbuf, sbuf, bbuf, tbuf;
+    const void* xp = materialize(xo, xbuf);
+    const auto* wp = static_cast<const uint32_t*>(materialize(wo, wbuf));
+    const void* sp = materialize(so, sbuf);
+    const void* bp = materialize(bo, bbuf);
+    const auto* tp = static_cast<const float*>(materialize(to, tbuf));
+    const int64_t tstride = to.size == 1 ? 0 : 1;
+
+    Scratch& sc = scratch();
+    sc.idx.resize(std::max<int64_t>(in, 1));
+    sc.vals.resize(std::max<int64_t>(in, 1));
+    const int64_t nact = kt.collect_in[dt](
+        xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
+    QSpvmmJob job{
+        kt.qspvmm_cols[dt], wp, out, bits, group_size, sp, bp,
+        sc.idx.data(), sc.vals.data(), nact, out, y_ptr};
+    const int nth = threads_for(nact * out * bits / 8);
+    if (nth <= 1 || out < kColAlign * nth) {
+      qspvmm_task(&job, 0, 1);
+      return;
+    }
+    const int64_t per = (out + nth - 1) / nth;
+    job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
+    pool::run(nth, &qspvmm_task, &job);
+  });
+}
+
+void SparseOutGateQGemv::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& y = outputs[0];
+  y.set_data(mx::allocator::malloc(y.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(y);
+  const auto& wq = inputs[1];
+  encoder.dispatch([xo = operand(inputs[0]),
+                    wo = operand(wq),
+                    so = operand(inputs[2]),
+                    bo = operand(inputs[3]),
+                    go = operand(inputs[4]),
+                    to = operand(inputs[5]),
+                    y_ptr = y.data<void>(),
+                    in = static_cast<int64_t>(inputs[0].shape(-1)),
+                    out = static_cast<int64_t>(wq.shape(0)),
+                    group_size = static_cast<int64_t>(group_size_),
+                    bits = bits_,
+                    dt = kernel_dtype(y.dtype())]() {
+    if (out == 0) {
+      return;
+    }
+    const K::Table& kt = K::best();
+    std::vector<char> xbuf, wbuf, sbuf, bbuf, gbuf, tbuf;
+    const void* xp = materialize(xo, xbuf);
+    const auto* wp = static_cast<const uint32_t*>(materialize(wo, wbuf));
+    const void* sp = materialize(so, sbuf);
+    const void* bp = materialize(bo, bbuf);
+    const void* gp = materialize(go, gbuf);
+    const auto* tp = static_cast<const float*>(materialize(to, tbuf));
+    const int64_t tstride = to.size == 1 ? 0 : 1;
+
+    Scratch& sc = scratch();
+    sc.idx.resize(out);
+    sc.vals.resize(out);
+    sc.xf.resize(std::max<int64_t>(in, 1));
+    const int64_t nact = kt.collect_out[dt](
+        gp, out, tp, tstride, sc.idx.data(), sc.vals.data(), y_ptr);
+    if (nact == 0) {
+      return;
+    }
+    kt.to_f32[dt](xp, in, sc.xf.data());
+    const int64_t groups = in / group_size;
+    sc.xgsum.assign(std::max<int64_t>(groups, 1), 0.0f);
+    for (int64_t i = 0; i < in; ++i) {
+      sc.xgsum[i / group_size] += sc.xf[i];
+    }
+    QVmmspJob job{
+        kt.qvmmsp_rows[dt], wp, in, bits, group_size, sp, bp, sc.xf.data(),
+        sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact, y_ptr};
+    const int nth = threads_for(nact * in * bits / 8);
+    if (nth <= 1 || nact < 8) {
+      qvmmsp_task(&job, 0, 1);
+      return;
+    }
+    const int ntasks = static_cast<int>(std::min<int64_t>(
+        static_cast<int64_t>(nth) * kTasksPerThread, nact / 4));
+    pool::run(ntasks, &qvmmsp_task, &job);
+  });
+}
+
+void QuantizedPrimitive::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      std::string("[") + name() + "] not implemented on GPU; use a CPU stream.");
 }
 
 void SparseInGemv::eval_gpu(

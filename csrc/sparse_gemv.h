@@ -33,6 +33,34 @@ mx::array sparse_out_gate_gemv(
     const mx::array& threshold,
     mx::StreamOrDevice s = {});
 
+// Affine-quantized variants (bits 4 or 8; w = scale * code + bias with one
+// scale and bias per group_size inputs, codes packed 32/bits per uint32).
+// "qspvmm": as sparse_in_gemv on the input-major re-layout: wq [in, out/per]
+//   holds each input channel's codes for all outputs; scales and biases are
+//   [in / group_size, out], dtype of x.
+mx::array sparse_in_qgemv(
+    const mx::array& x,
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& threshold,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// "qvmmsp": as sparse_out_gate_gemv on MLX's own QuantizedLinear layout:
+//   wq [out, in/per], scales and biases [out, in / group_size].
+mx::array sparse_out_gate_qgemv(
+    const mx::array& x,
+    const mx::array& wq,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& gate,
+    const mx::array& threshold,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
 // Name of the kernel instruction set in use ("avx2" or "generic").
 std::string kernel_isa();
 
@@ -71,6 +99,47 @@ class SparseOutGateGemv : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive&) const override {
     return true;
+  }
+};
+
+// The quantized primitives carry (group_size, bits).
+class QuantizedPrimitive : public mx::Primitive {
+ public:
+  QuantizedPrimitive(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_gpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const QuantizedPrimitive&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+ protected:
+  int group_size_;
+  int bits_;
+};
+
+class SparseInQGemv : public QuantizedPrimitive {
+ public:
+  using QuantizedPrimitive::QuantizedPrimitive;
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "SparseInQGemv";
+  }
+};
+
+class SparseOutGateQGemv : public QuantizedPrimitive {
+ public:
+  using QuantizedPrimitive::QuantizedPrimitive;
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "SparseOutGateQGemv";
   }
 };
 

@@ -1,0 +1,106 @@
+"""An exact input-major re-layout of MLX's affine-quantized linears.
+
+``nn.QuantizedLinear`` stores ``W [out, in]`` as ``bits``-bit codes packed
+along ``in`` (``32 / bits`` per uint32) with one scale and bias per
+``group_size`` inputs of each row: ``W[o, i] = s[o, i // gs] * q[o, i] +
+b[o, i // gs]``. An input-sparse GEMV skips input channels, i.e. columns,
+which the stock layout spreads over every row. The re-layout stores channel
+``i``'s codes for all outputs together (``wq[i]``, packed along ``out``) and
+group ``g``'s scales and biases for all outputs together (``scales[g]``):
+the same codes and the same scale and bias values, moved, never re-quantized,
+so the memory is the stock layer's and dequantization is bit-identical.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+BITS = (4, 8)
+
+
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """uint32 ``[rows, cols * bits / 32]`` -> uint32 codes ``[rows, cols]``
+    (code ``t`` of a word sits at bits ``t * bits``, as MLX packs them)."""
+    per = 32 // bits
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """The inverse of :func:`unpack_codes`."""
+    per = 32 // bits
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    words = codes.astype(mx.uint32).reshape(codes.shape[0], -1, per) << shifts
+    return words.sum(axis=-1).astype(mx.uint32)  # disjoint bits: the sum is an OR
+
+
+def relayout_ready(linear: nn.Module) -> bool:
+    """An affine QuantizedLinear whose codes can be repacked along outputs."""
+    if not isinstance(linear, nn.QuantizedLinear) or getattr(linear, "mode", "affine") != "affine":
+        return False
+    out_dims = linear.weight.shape[0]
+    return linear.bits in BITS and out_dims % (32 // linear.bits) == 0
+
+
+class QuantizedInputMajorLinear(nn.Module):
+    """A QuantizedLinear re-laid input-major (see the module docstring).
+
+    One-token calls with ``kernels`` run the quantized input-sparse GEMV with
+    nothing dropped; prompts rebuild the stock layout on the fly and use MLX's
+    quantized matmul, so their results equal the stock layer's exactly.
+    """
+
+    def __init__(self, linear: nn.QuantizedLinear, kernels=None):
+        super().__init__()
+        self.group_size, self.bits = linear.group_size, linear.bits
+        self.wq = pack_codes(unpack_codes(linear.weight, self.bits).T, self.bits)
+        self.scales = mx.contiguous(linear.scales.T)
+        self.biases = mx.contiguous(linear.biases.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+        self._kernels = kernels
+
+    def stock_arrays(self):
+        """``(weight, scales, biases)`` in QuantizedLinear's own layout."""
+        weight = pack_codes(unpack_codes(self.wq, self.bits).T, self.bits)
+        return weight, mx.contiguous(self.scales.T), mx.contiguous(self.biases.T)
+
+    def sparse_gemv(self, x: mx.array, threshold) -> mx.array:
+        return self._kernels_or_fail().sparse_in_qgemv(
+            x, self.wq, self.scales, self.biases, threshold, self.group_size, self.bits
+        )
+
+    def _kernels_or_fail(self):
+        if self._kernels is None or not hasattr(self._kernels, "sparse_in_qgemv"):
+            raise RuntimeError("no quantized decode kernels on this layer")
+        return self._kernels
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._kernels is not None and x.size == x.shape[-1]:
+            y = self.sparse_gemv(x, 0.0).reshape(*x.shape[:-1], -1)
+        else:
+            weight, scales, biases = self.stock_arrays()
+            y = mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+                                    group_size=self.group_size, bits=self.bits)
+        return y + self.bias if "bias" in self else y
+
+    def to_linear(self) -> nn.QuantizedLinear:
+        in_dims = self.wq.shape[0]
+        out_dims = self.scales.shape[1]
+        linear = nn.QuantizedLinear(in_dims, out_dims, bias="bias" in self,
+                                    group_size=self.group_size, bits=self.bits)
+        linear.weight, linear.scales, linear.biases = self.stock_arrays()
+        if "bias" in self:
+            linear.bias = self.bias
+        return linear
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.parameters()))
+
+
+def input_major(linear: nn.Module, kernels=None) -> Optional[nn.Module]:
+    """The quantized re-layout of ``linear``, or None if it does not apply."""
+    return QuantizedInputMajorLinear(linear, kernels) if relayout_ready(linear) else None
