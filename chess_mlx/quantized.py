@@ -11,8 +11,6 @@ the same codes and the same scale and bias values, moved, never re-quantized,
 so the memory is the stock layer's and dequantization is bit-identical.
 """
 
-from typing import Optional
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -67,19 +65,14 @@ class QuantizedInputMajorLinear(nn.Module):
         weight = pack_codes(unpack_codes(self.wq, self.bits).T, self.bits)
         return weight, mx.contiguous(self.scales.T), mx.contiguous(self.biases.T)
 
-    def sparse_gemv(self, x: mx.array, threshold) -> mx.array:
-        return self._kernels_or_fail().sparse_in_qgemv(
+    def sparse_gemv(self, kernels, x: mx.array, threshold) -> mx.array:
+        return kernels.sparse_in_qgemv(
             x, self.wq, self.scales, self.biases, threshold, self.group_size, self.bits
         )
 
-    def _kernels_or_fail(self):
-        if self._kernels is None or not hasattr(self._kernels, "sparse_in_qgemv"):
-            raise RuntimeError("no quantized decode kernels on this layer")
-        return self._kernels
-
     def __call__(self, x: mx.array) -> mx.array:
         if self._kernels is not None and x.size == x.shape[-1]:
-            y = self.sparse_gemv(x, 0.0).reshape(*x.shape[:-1], -1)
+            y = self.sparse_gemv(self._kernels, x, 0.0).reshape(*x.shape[:-1], -1)
         else:
             weight, scales, biases = self.stock_arrays()
             y = mx.quantized_matmul(x, weight, scales, biases, transpose=True,
@@ -100,7 +93,3 @@ class QuantizedInputMajorLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.parameters()))
 
-
-def input_major(linear: nn.Module, kernels=None) -> Optional[nn.Module]:
-    """The quantized re-layout of ``linear``, or None if it does not apply."""
-    return QuantizedInputMajorLinear(linear, kernels) if relayout_ready(linear) else None

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ChessError
+from .quantized import BITS as QUANTIZED_BITS, QuantizedInputMajorLinear, relayout_ready
 
 if TYPE_CHECKING:
     from .thresholds import Thresholds
@@ -125,10 +126,13 @@ class InputMajorLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._kernels is not None and is_decode(x):
-            y = self._kernels.sparse_in_gemv(x, self.wt, 0.0).reshape(*x.shape[:-1], -1)
+            y = self.sparse_gemv(self._kernels, x, 0.0).reshape(*x.shape[:-1], -1)
         else:
             y = x @ self.wt
         return add_bias(y, self)
+
+    def sparse_gemv(self, kernels: "DecodeKernels", x: mx.array, threshold) -> mx.array:
+        return kernels.sparse_in_gemv(x, self.wt, threshold)
 
     def to_linear(self) -> nn.Linear:
         out_dims, in_dims = self.wt.shape[1], self.wt.shape[0]
@@ -139,9 +143,44 @@ class InputMajorLinear(nn.Module):
         return linear
 
 
-def kernel_ready(linear: nn.Module) -> bool:
-    """The float kernels serve float nn.Linear layers (quantized ones: later)."""
-    return type(linear) is nn.Linear
+def kernel_ready(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) -> bool:
+    """Whether ``kernels`` can run ``linear`` input-major: float nn.Linear
+    layers always, affine 4/8-bit QuantizedLinear layers where the kernels
+    have quantized variants (the CPU extension; Metal: not yet)."""
+    if type(linear) is nn.Linear:
+        return True
+    return relayout_ready(linear) and hasattr(kernels, "sparse_in_qgemv")
+
+
+def input_major(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) -> nn.Module:
+    """The input-major re-layout of a :func:`kernel_ready` linear (one copy)."""
+    if type(linear) is nn.Linear:
+        return InputMajorLinear(linear, kernels)
+    return QuantizedInputMajorLinear(linear, kernels)
+
+
+def quantized_ready(linear: nn.Module, kernels: Optional["DecodeKernels"]) -> bool:
+    """An affine 4/8-bit quantized layer the kernels' output GEMV can read as stored."""
+    return (
+        isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        and getattr(linear, "mode", "affine") == "affine"
+        and linear.bits in QUANTIZED_BITS
+        and hasattr(kernels, "sparse_out_gate_qgemv")
+    )
+
+
+def out_gemv_ready(linear: nn.Module, kernels: Optional["DecodeKernels"]) -> bool:
+    """Whether ``kernels.sparse_out_gate_*gemv`` can run ``linear`` on its own layout."""
+    return type(linear) in (nn.Linear, nn.Embedding) or quantized_ready(linear, kernels)
+
+
+def out_gemv(kernels: "DecodeKernels", x: mx.array, layer: nn.Module, gate: mx.array, threshold) -> mx.array:
+    """The output-sparse gated GEMV on ``layer``'s stock ``[out, in]`` weight."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return kernels.sparse_out_gate_qgemv(
+            x, layer.weight, layer.scales, layer.biases, gate, threshold, layer.group_size, layer.bits
+        )
+    return kernels.sparse_out_gate_gemv(x, layer.weight, gate, threshold)
 
 
 def is_decode(x: mx.array) -> bool:
@@ -152,10 +191,11 @@ def add_bias(y: mx.array, linear: nn.Module) -> mx.array:
     return y + linear.bias if "bias" in linear else y
 
 
-def dense_gemv(kernels: "DecodeKernels", x: mx.array, w: mx.array) -> mx.array:
-    """``x @ w.T`` for one token on the stock ``[out, in]`` layout: the output
-    GEMV with a gate of ones and nothing dropped (exact: 1 * dot)."""
-    return kernels.sparse_out_gate_gemv(x, w, ones(w.shape[0], w.dtype), 0.0).reshape(*x.shape[:-1], -1)
+def dense_gemv(kernels: "DecodeKernels", x: mx.array, layer: nn.Module) -> mx.array:
+    """``layer`` applied to one token on its stock ``[out, in]`` layout: the
+    output GEMV with a gate of ones and nothing dropped (exact: 1 * dot)."""
+    gate = ones(layer.weight.shape[0], x.dtype)
+    return out_gemv(kernels, x, layer, gate, 0.0).reshape(*x.shape[:-1], -1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,25 +204,26 @@ def ones(n: int, dtype: mx.Dtype) -> mx.array:
     return mx.ones((n,), dtype=dtype)
 
 
-class KernelHeadEmbedding(nn.Embedding):
-    """A tied embedding whose ``as_linear`` (the LM head) decodes through the
-    kernels; lookups and prompts are unchanged. Same weight array, no copy."""
+class KernelHeadEmbedding(nn.Module):
+    """A tied embedding (float or quantized) whose ``as_linear`` (the LM head)
+    decodes through the kernels; lookups and prompts go to the embedding
+    itself. Same arrays, no copy."""
 
-    def __init__(self, embedding: nn.Embedding, kernels: "DecodeKernels"):
-        nn.Module.__init__(self)  # nn.Embedding's would allocate a random table
-        self.weight = embedding.weight
+    def __init__(self, embedding: nn.Module, kernels: "DecodeKernels"):
+        super().__init__()
+        self.embedding = embedding
         self._kernels = kernels
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.embedding(x)
 
     def as_linear(self, x: mx.array) -> mx.array:
         if is_decode(x):
-            return dense_gemv(self._kernels, x, self.weight)
-        return super().as_linear(x)
+            return dense_gemv(self._kernels, x, self.embedding)
+        return self.embedding.as_linear(x)
 
-    def restore(self) -> nn.Embedding:
-        embedding = nn.Embedding.__new__(nn.Embedding)
-        nn.Module.__init__(embedding)
-        embedding.weight = self.weight
-        return embedding
+    def restore(self) -> nn.Module:
+        return self.embedding
 
 
 class KernelHeadLinear(nn.Module):
@@ -195,7 +236,7 @@ class KernelHeadLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if is_decode(x):
-            return add_bias(dense_gemv(self._kernels, x, self.dense.weight), self.dense)
+            return add_bias(dense_gemv(self._kernels, x, self.dense), self.dense)
         return self.dense(x)
 
     def restore(self) -> nn.Linear:
@@ -205,10 +246,10 @@ class KernelHeadLinear(nn.Module):
 def patch_lm_head(model: nn.Module, kernels: "DecodeKernels"):
     body = getattr(model, "model", None)
     embedding = getattr(body, "embed_tokens", None)
-    if type(embedding) is nn.Embedding:
+    if type(embedding) in (nn.Embedding, nn.QuantizedEmbedding) and out_gemv_ready(embedding, kernels):
         body.embed_tokens = KernelHeadEmbedding(embedding, kernels)
     head = getattr(model, "lm_head", None) if "lm_head" in model else None
-    if kernel_ready(head):
+    if type(head) in (nn.Linear, nn.QuantizedLinear) and out_gemv_ready(head, kernels):
         model.lm_head = KernelHeadLinear(head, kernels)
 
 
@@ -248,11 +289,12 @@ class SparseMLP(nn.Module):
         self._tracker: Optional[SparsityTracker] = None
         self._kernels = None
         # vmmsp has no bias term: an up_proj bias (rare) keeps the reference path.
-        up_ready = kernel_ready(dense.up_proj) and "bias" not in dense.up_proj
-        if kernels is not None and up_ready and kernel_ready(dense.down_proj):
-            dense.down_proj = InputMajorLinear(dense.down_proj)
-            if kernel_ready(dense.gate_proj):
-                dense.gate_proj = InputMajorLinear(dense.gate_proj, kernels)
+        up = dense.up_proj
+        up_ready = type(up) is nn.Linear or quantized_ready(up, kernels)
+        if kernels is not None and up_ready and "bias" not in up and kernel_ready(dense.down_proj, kernels):
+            dense.down_proj = input_major(dense.down_proj)
+            if kernel_ready(dense.gate_proj, kernels):
+                dense.gate_proj = input_major(dense.gate_proj, kernels)
             self._kernels = kernels
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -267,14 +309,14 @@ class SparseMLP(nn.Module):
 
     def _decode(self, x: mx.array, gate: mx.array) -> mx.array:
         up, down = self.dense.up_proj, self.dense.down_proj
-        hidden = self._kernels.sparse_out_gate_gemv(x, up.weight, gate, self.tau)
-        y = self._kernels.sparse_in_gemv(hidden, down.wt, NONZERO)
+        hidden = out_gemv(self._kernels, x, up, gate, self.tau)
+        y = down.sparse_gemv(self._kernels, hidden, NONZERO)
         return add_bias(y, down).reshape(*x.shape[:-1], -1)
 
     def restore(self) -> nn.Module:
         for name in ("gate_proj", "down_proj"):
             module = getattr(self.dense, name)
-            if isinstance(module, InputMajorLinear):
+            if isinstance(module, INPUT_MAJOR):
                 setattr(self.dense, name, module.to_linear())
         return self.dense
 
@@ -284,28 +326,30 @@ class InputSparseLinear(nn.Module):
 
     def __init__(self, dense: nn.Module, tau: mx.array, name: str, kernels: Optional[DecodeKernels] = None):
         super().__init__()
-        self.dense = InputMajorLinear(dense) if kernels is not None and kernel_ready(dense) else dense
+        ready = kernels is not None and kernel_ready(dense, kernels)
+        self.dense = input_major(dense) if ready else dense
         self.tau = tau
         self._name = name
         self._tracker: Optional[SparsityTracker] = None
-        self._kernels = kernels if isinstance(self.dense, InputMajorLinear) else None
+        self._kernels = kernels if ready else None
 
     def __call__(self, x: mx.array) -> mx.array:
         keep = keep_mask(x, self.tau)
         if self._tracker is not None:
             self._tracker.add(self._name, keep)
         if self._kernels is not None and is_decode(x):
-            y = self._kernels.sparse_in_gemv(x, self.dense.wt, self.tau)
+            y = self.dense.sparse_gemv(self._kernels, x, self.tau)
             return add_bias(y, self.dense).reshape(*x.shape[:-1], -1)
         return self.dense(mx.where(keep, x, 0))
 
     def restore(self) -> nn.Module:
-        if isinstance(self.dense, InputMajorLinear):
+        if isinstance(self.dense, INPUT_MAJOR):
             return self.dense.to_linear()
         return self.dense
 
 
 SPARSE_MODULES = (SparseMLP, InputSparseLinear)
+INPUT_MAJOR = (InputMajorLinear, QuantizedInputMajorLinear)
 
 
 def parse_methods(text: str) -> List[str]:
@@ -349,7 +393,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
             module = getattr(attn, proj)
             if isinstance(module, InputSparseLinear):
                 setattr(attn, proj, module.restore())
-            elif isinstance(module, InputMajorLinear):
+            elif isinstance(module, INPUT_MAJOR):
                 setattr(attn, proj, module.to_linear())
     return model
 
@@ -398,8 +442,8 @@ def sparsify(
         if kernels is not None:
             for proj in ATTENTION_PROJECTIONS:
                 module = getattr(attn, proj)
-                if kernel_ready(module):
-                    setattr(attn, proj, InputMajorLinear(module, kernels))
+                if kernel_ready(module, kernels):
+                    setattr(attn, proj, input_major(module, kernels))
     if kernels is not None:
         patch_lm_head(model, kernels)
     return model

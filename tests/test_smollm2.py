@@ -108,3 +108,22 @@ def test_emulated_kernel_decode_gives_reference_next_token(smollm2):
     assert emulated.calls == 7 * len(model.layers) + 1
     assert mx.argmax(result).item() == mx.argmax(reference).item()
     assert mx.abs(result - reference).max().item() < 1e-2
+
+
+def test_quantized_default_model_decodes_the_same_tokens_with_kernels():
+    """The default model as stored (4-bit weights, 8-bit embedding): greedy
+    chess+ decoding through the quantized CPU kernels gives the reference
+    path's tokens."""
+    from chess_mlx import cpu_kernels
+    from chess_mlx.quantized import QuantizedInputMajorLinear
+    from test_quantized import greedy_tokens
+
+    model, tokenizer, _ = load()
+    thresholds = shipped_thresholds(model)
+    prompt = tokenizer.encode("The history of the city begins in the Roman period")
+    sparsify(model, thresholds, "chess+", 0.5, kernels=None)
+    reference, _ = greedy_tokens(model, prompt, 8)
+    sparsify(model, thresholds, "chess+", 0.5, kernels=cpu_kernels)
+    assert isinstance(model.layers[0].self_attn.q_proj.dense, QuantizedInputMajorLinear)
+    tokens, _ = greedy_tokens(model, prompt, 8)
+    assert tokens == reference

@@ -1,0 +1,178 @@
+"""Quantized (affine 4/8-bit) decode: the exact input-major re-layout, the
+CPU extension's quantized kernels against the reference path, and decoding."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import random_windows, tiny_llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from chess_mlx import cpu_kernels as ck
+from chess_mlx.calibrate import calibrate
+from chess_mlx.quantized import QuantizedInputMajorLinear, relayout_ready, unpack_codes
+from chess_mlx.sparsify import KernelHeadEmbedding, sparsify, unsparsify
+
+if not ck.module_present():
+    pytest.skip("compiled module chess_mlx._cpu_kernels not built", allow_module_level=True)
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# Bound relative to sum_i |x_i w_io| (float32 accumulation, output rounding).
+TOL = {mx.float32: 2e-6, mx.float16: 1.5e-3, mx.bfloat16: 1e-2}
+QUANTIZATIONS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
+SHAPES = [(384, 24), (256, 200)]  # (in, out): in a multiple of 128, out of 8
+
+
+def quantized_linear(n_in, n_out, bits, group_size, dtype=mx.float32, seed=0):
+    mx.random.seed(seed)
+    linear = nn.Linear(n_in, n_out, bias=False)
+    q = nn.QuantizedLinear.from_linear(linear, group_size=group_size, bits=bits)
+    q.set_dtype(dtype)
+    mx.eval(q.parameters())
+    return q
+
+
+def dequantized(q) -> np.ndarray:
+    return np.array(mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits).astype(mx.float32))
+
+
+@pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
+def test_relayout_moves_codes_scales_and_biases_exactly(bits, group_size):
+    q = quantized_linear(256, 200, bits, group_size)
+    relaid = QuantizedInputMajorLinear(q)
+    codes = np.array(unpack_codes(q.weight, bits))
+    assert np.array_equal(np.array(unpack_codes(relaid.wq, bits)), codes.T)
+    assert np.array_equal(np.array(relaid.scales), np.array(q.scales).T)
+    assert np.array_equal(np.array(relaid.biases), np.array(q.biases).T)
+    assert relaid.nbytes == sum(a.nbytes for a in (q.weight, q.scales, q.biases))
+    restored = relaid.to_linear()
+    for name in ("weight", "scales", "biases"):
+        assert mx.array_equal(getattr(restored, name), getattr(q, name)), name
+    # Dequantized values are bit-identical, and so is a prompt's output.
+    assert np.array_equal(dequantized(restored), dequantized(q))
+    x = mx.random.normal((3, 256))
+    assert mx.array_equal(relaid(x), q(x))
+
+
+def test_relayout_applies_to_supported_layers_only():
+    assert relayout_ready(quantized_linear(64, 32, 4, 32))
+    assert not relayout_ready(quantized_linear(64, 32, 2, 32))  # 2-bit: no kernels
+    assert not relayout_ready(quantized_linear(64, 36, 4, 32))  # 36 outputs do not pack in 8s
+    assert not relayout_ready(nn.Linear(64, 32))
+
+
+def kept_input(rng, n, mask, dtype):
+    """An input and its threshold: 'empty' drops all, 'full' keeps all,
+    'scalar' / 'vector' drop about half."""
+    x = rng.standard_normal(n).astype(np.float32)
+    thresholds = {"empty": math.inf, "full": 0.0, "scalar": 0.7,
+                  "vector": mx.array(np.abs(rng.standard_normal(n)).astype(np.float32))}
+    return mx.array(x).astype(dtype), thresholds[mask]
+
+
+def masked(v: mx.array, threshold) -> np.ndarray:
+    v = np.array(v.astype(mx.float32))
+    t = np.array(threshold) if isinstance(threshold, mx.array) else threshold
+    return np.where(np.abs(v) >= t, v, 0.0)
+
+
+@pytest.mark.parametrize("mask", ["empty", "full", "scalar", "vector"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_input_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, mask):
+    n_in, n_out = shape
+    rng = np.random.default_rng(n_in + bits + group_size)
+    q = quantized_linear(n_in, n_out, bits, group_size, dtype)
+    relaid = QuantizedInputMajorLinear(q)
+    x, threshold = kept_input(rng, n_in, mask, dtype)
+    y = ck.sparse_in_qgemv(x, relaid.wq, relaid.scales, relaid.biases, threshold, group_size, bits)
+    assert y.shape == (n_out,) and y.dtype == dtype
+    w = dequantized(q)
+    xm = masked(x, threshold)
+    reference = xm @ w.T
+    bound = TOL[dtype] * (np.abs(xm) @ np.abs(w).T) + 1e-6
+    assert np.all(np.abs(np.array(y.astype(mx.float32)) - reference) <= bound)
+    if mask == "empty":
+        assert not np.any(np.array(y.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("mask", ["empty", "full", "scalar", "vector"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_output_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, mask):
+    n_in, n_out = shape
+    rng = np.random.default_rng(n_out + bits + group_size)
+    q = quantized_linear(n_in, n_out, bits, group_size, dtype)
+    x = mx.array(rng.standard_normal(n_in).astype(np.float32)).astype(dtype)
+    gate, threshold = kept_input(rng, n_out, mask, dtype)
+    y = ck.sparse_out_gate_qgemv(x, q.weight, q.scales, q.biases, gate, threshold, group_size, bits)
+    assert y.shape == (n_out,) and y.dtype == dtype
+    w, xf = dequantized(q), np.array(x.astype(mx.float32))
+    gm = masked(gate, threshold)
+    reference = gm * (w @ xf)
+    bound = TOL[dtype] * np.abs(gm) * (np.abs(w) @ np.abs(xf)) + 1e-6
+    assert np.all(np.abs(np.array(y.astype(mx.float32)) - reference) <= bound)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, q: ck.sparse_in_qgemv(x, q.weight, q.scales, q.biases, 0.5, 32, 3), "bits must be 4 or 8"),
+    (lambda x, q: ck.sparse_in_qgemv(x, q.weight, q.scales, q.biases, 0.5, 32, 4), "scales and biases must have shape"),
+    (lambda x, q: ck.sparse_out_gate_qgemv(x, q.weight, q.scales, q.biases, x, 0.5, 32, 4), "gate must have 32"),
+])
+def test_quantized_kernels_reject_bad_arguments(call, message):
+    q = quantized_linear(64, 32, 4, 32)
+    with pytest.raises(ValueError, match=message):
+        call(mx.ones((64,)), q)
+
+
+def greedy_tokens(model, prompt, steps):
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt)[None], cache=cache)
+    tokens = []
+    for _ in range(steps):
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[:, None], cache=cache)
+    return tokens, logits[0, -1]
+
+
+@pytest.fixture(scope="module")
+def quantized_llama():
+    mx.random.seed(3)
+    model = tiny_llama(quantized=True)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    return model, thresholds
+
+
+@pytest.mark.parametrize("method", ["cats", "chess", "chess+"])
+def test_quantized_decode_with_kernels_equals_reference(quantized_llama, method):
+    model, thresholds = quantized_llama
+    prompt = random_windows(1, 9, seed=5)[0]
+    sparsify(model, thresholds, method, 0.5, kernels=None)
+    reference_tokens, reference = greedy_tokens(model, prompt, 6)
+    sparsify(model, thresholds, method, 0.5, kernels=ck)
+    layer = model.layers[0]
+    assert isinstance(layer.mlp.dense.down_proj, QuantizedInputMajorLinear)
+    assert isinstance(layer.mlp.dense.gate_proj, QuantizedInputMajorLinear)
+    assert isinstance(model.model.embed_tokens, KernelHeadEmbedding)
+    tokens, result = greedy_tokens(model, prompt, 6)
+    unsparsify(model)
+    assert type(layer.mlp.down_proj) is nn.QuantizedLinear
+    assert tokens == reference_tokens
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_quantization_keeps_the_reference_path():
+    mx.random.seed(3)
+    model = tiny_llama()
+    nn.quantize(model, group_size=32, bits=2)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
+    assert type(model.layers[0].mlp.dense.down_proj) is nn.QuantizedLinear
+    assert model.layers[0].mlp._kernels is None
+    tokens, _ = greedy_tokens(model, random_windows(1, 9, seed=5)[0], 3)
+    assert len(tokens) == 3
