@@ -542,6 +542,12 @@ void vmmsp_rows(
 // (8 lanes at 4 bits); everything accumulates in float32.
 // ---------------------------------------------------------------------------
 
+inline void prefetch_row(const uint32_t* p, int64_t words) {
+  for (int64_t j = 0; j < words; j += 16) {  // one 64-byte line per hint
+    __builtin_prefetch(p + j, 0, 3);
+  }
+}
+
 // acc[c] += v * code(c) for the codes c of `words` words of one row.
 template <int BITS>
 inline void accumulate_codes(
@@ -577,6 +583,30 @@ inline void accumulate_codes2(
       acc[j * kPer + t] +=
           v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
           v1 * static_cast<float>((u1 >> (BITS * t)) & kMask);
+    }
+  }
+}
+
+template <int BITS>
+inline void accumulate_codes4(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* CHESS_MLX_RESTRICT r0,
+    const uint32_t* CHESS_MLX_RESTRICT r1,
+    const uint32_t* CHESS_MLX_RESTRICT r2,
+    const uint32_t* CHESS_MLX_RESTRICT r3,
+    int64_t words,
+    const float* v) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+  for (int64_t j = 0; j < words; ++j) {
+    const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
+    for (int t = 0; t < kPer; ++t) {
+      acc[j * kPer + t] +=
+          (v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
+           v1 * static_cast<float>((u1 >> (BITS * t)) & kMask)) +
+          (v2 * static_cast<float>((u2 >> (BITS * t)) & kMask) +
+           v3 * static_cast<float>((u3 >> (BITS * t)) & kMask));
     }
   }
 }
@@ -626,6 +656,18 @@ void qspvmm_cols_bits(
         acc[j] = 0.0f;
       }
       int64_t r = k;
+      for (; r + 4 <= end; r += 4) {
+        // Row segments are short (out * bits / 8 bytes per thread): fetch
+        // the next kept rows' segments ahead of the hardware prefetcher.
+        for (int64_t n = r + 4; n < r + 8 && n < nact; ++n) {
+          prefetch_row(wq + idx[n] * words_per_row + t0 / kPer, words);
+        }
+        accumulate_codes4<BITS>(
+            acc, wq + idx[r] * words_per_row + t0 / kPer,
+            wq + idx[r + 1] * words_per_row + t0 / kPer,
+            wq + idx[r + 2] * words_per_row + t0 / kPer,
+            wq + idx[r + 3] * words_per_row + t0 / kPer, words, vals + r);
+      }
       for (; r + 2 <= end; r += 2) {
         accumulate_codes2<BITS>(
             acc, wq + idx[r] * words_per_row + t0 / kPer,
@@ -672,30 +714,61 @@ void qspvmm_cols(
   }
 }
 
-// dot of one group's codes with xf: sum over the group's words.
+// Two rows' dots with one group of xf, accumulated into per-lane totals
+// scaled by each row's group scale. Two rows share every load of xf, and
+// even/odd words use separate lanes so the FMA chains overlap.
 template <int BITS>
-inline float group_dot(
-    const uint32_t* CHESS_MLX_RESTRICT row,
+inline void group_dot2(
+    const uint32_t* CHESS_MLX_RESTRICT r0,
+    const uint32_t* CHESS_MLX_RESTRICT r1,
     const float* CHESS_MLX_RESTRICT xf,
-    int64_t words) {
+    int64_t words,
+    float s0,
+    float s1,
+    float* CHESS_MLX_RESTRICT tot0,
+    float* CHESS_MLX_RESTRICT tot1) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  float lanes[kPer] = {};
-  for (int64_t j = 0; j < words; ++j) {
-    const uint32_t u = row[j];
+  float a0[kPer] = {}, b0[kPer] = {}, a1[kPer] = {}, b1[kPer] = {};
+  int64_t j = 0;
+  for (; j + 2 <= words; j += 2) {
+    const uint32_t u0 = r0[j], v0 = r0[j + 1];
+    const uint32_t u1 = r1[j], v1 = r1[j + 1];
     for (int t = 0; t < kPer; ++t) {
-      lanes[t] += xf[j * kPer + t] * static_cast<float>((u >> (BITS * t)) & kMask);
+      const float xa = xf[j * kPer + t];
+      const float xb = xf[(j + 1) * kPer + t];
+      a0[t] += xa * static_cast<float>((u0 >> (BITS * t)) & kMask);
+      b0[t] += xb * static_cast<float>((v0 >> (BITS * t)) & kMask);
+      a1[t] += xa * static_cast<float>((u1 >> (BITS * t)) & kMask);
+      b1[t] += xb * static_cast<float>((v1 >> (BITS * t)) & kMask);
     }
   }
-  float s = 0.0f;
+  for (; j < words; ++j) {
+    const uint32_t u0 = r0[j], u1 = r1[j];
+    for (int t = 0; t < kPer; ++t) {
+      const float xa = xf[j * kPer + t];
+      a0[t] += xa * static_cast<float>((u0 >> (BITS * t)) & kMask);
+      a1[t] += xa * static_cast<float>((u1 >> (BITS * t)) & kMask);
+    }
+  }
   for (int t = 0; t < kPer; ++t) {
-    s += lanes[t];
+    tot0[t] += s0 * (a0[t] + b0[t]);
+    tot1[t] += s1 * (a1[t] + b1[t]);
+  }
+}
+
+template <int N>
+inline float sum_lanes(const float* a) {
+  float s = 0.0f;
+  for (int t = 0; t < N; ++t) {
+    s += a[t];
   }
   return s;
 }
 
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
-// for the kept rows k in [k0, k1) of the stock layout.
+// for the kept rows k in [k0, k1) of the stock layout, two rows at a time
+// (an odd last row is paired with itself).
 template <int DT, int BITS>
 void qvmmsp_rows_bits(
     const uint32_t* wq,
@@ -718,18 +791,28 @@ void qvmmsp_rows_bits(
   S* y = static_cast<S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t group_words = group_size / kPer;
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t o = idx[k];
-    const uint32_t* row = wq + o * (in / kPer);
-    const S* so = scales + o * groups;
-    const S* bo = biases + o * groups;
-    float total = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float d =
-          group_dot<BITS>(row + g * group_words, xf + g * group_size, group_words);
-      total += E::load(so[g]) * d + E::load(bo[g]) * xgsum[g];
+  for (int64_t k = k0; k < k1; k += 2) {
+    const int64_t kb = (k + 1 < k1) ? k + 1 : k;
+    const int64_t o0 = idx[k], o1 = idx[kb];
+    const uint32_t* row0 = wq + o0 * (in / kPer);
+    const uint32_t* row1 = wq + o1 * (in / kPer);
+    // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
+    // the hardware prefetcher to find each scattered kept row in time.
+    for (int64_t n = k + 2; n < k + 4 && n < k1; ++n) {
+      prefetch_row(wq + idx[n] * (in / kPer), in / kPer);
     }
-    y[o] = E::store(gates[k] * total);
+    float tot0[kPer] = {}, tot1[kPer] = {};
+    float bias0 = 0.0f, bias1 = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      group_dot2<BITS>(
+          row0 + g * group_words, row1 + g * group_words, xf + g * group_size,
+          group_words, E::load(scales[o0 * groups + g]),
+          E::load(scales[o1 * groups + g]), tot0, tot1);
+      bias0 += E::load(biases[o0 * groups + g]) * xgsum[g];
+      bias1 += E::load(biases[o1 * groups + g]) * xgsum[g];
+    }
+    y[o0] = E::store(gates[k] * (sum_lanes<kPer>(tot0) + bias0));
+    y[o1] = E::store(gates[kb] * (sum_lanes<kPer>(tot1) + bias1));
   }
 }
 
