@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
@@ -36,8 +37,9 @@ from tqdm import tqdm
 from . import __version__
 from .blas import blas_in_use, reexec_with_openblas
 from .calibrate import calibrate, parse_sparsities
-from .costs import Shapes, decode_bytes, ideal_speedup
+from .costs import Shapes, ideal_speedup, skipped_speedup
 from .errors import ChessError
+from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
     default_kernels, kernel_backend, model_layers, parse_methods, sparsify, track_sparsity,
     unsparsify,
@@ -119,11 +121,36 @@ def random_model(args: llama.ModelArgs, dtype: str = "float32", seed: int = 0) -
     return model
 
 
-def load_model(name: str, dtype: str) -> Tuple[nn.Module, Optional[object], str]:
-    """``(model, tokenizer or None, description)`` for a --model value."""
+@dataclass(frozen=True)
+class Quantization:
+    bits: int = 4
+    group_size: int = 64  # mlx-community's default
+
+
+def quantize(model: nn.Module, quantization: Quantization) -> str:
+    """Quantize a float model in place (every linear and the embedding); its
+    description. The random model is calibrated before, in float: MLX's CPU
+    quantized matmul would make that prefill slow, and speed does not care."""
+    nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits)
+    mx.eval(model.parameters())
+    return f"{quantization.bits}-bit, group {quantization.group_size}"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return isinstance(model_layers(model)[0].mlp.gate_proj, nn.QuantizedLinear)
+
+
+def load_model(
+    name: str, dtype: str, quantization: Optional[Quantization] = None
+) -> Tuple[nn.Module, Optional[object], str]:
+    """``(model, tokenizer or None, description)`` for a --model value.
+    With ``quantization`` stored models keep their quantized weights; the
+    random model stays float here (see :func:`quantize`)."""
     if name == "llama-1b-random":
         return random_model(LLAMA_1B_ARGS, dtype), None, "random weights, Llama-3.2-1B shapes"
-    model, tokenizer, label = load(None if name == "smollm2" else name, dtype)
+    model, tokenizer, label = load(None if name == "smollm2" else name, None if quantization else dtype)
+    if quantization is not None and not is_quantized(model):
+        raise ChessError(f"--quantized: model '{name}' stores no quantized weights")
     return model, tokenizer, label
 
 
@@ -237,12 +264,25 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
             "q1": float(q1), "q3": float(q3)}
 
 
-def realized_ideal(shapes: Shapes, sparsity: Dict[str, float]) -> float:
+def realized_ideal(shapes: Shapes, sparsity: Dict[str, float], head_ratio: float = 1.0) -> float:
     """Ideal speed-up for the realized (not the target) sparsity."""
     gate = sparsity.get("gate", 0.0)
     skipped = {"up_proj": gate, "down_proj": gate,
                "q_proj": sparsity.get("q_proj", 0.0), "o_proj": sparsity.get("o_proj", 0.0)}
-    return sum(decode_bytes(shapes, 1.0).values()) / sum(decode_bytes(shapes, 1.0, skipped).values())
+    return skipped_speedup(shapes, skipped, head_ratio)
+
+
+def bytes_per_weight(module: nn.Module, n_weights: int) -> float:
+    """Bytes of ``module``'s arrays (codes, scales and biases when quantized) per weight."""
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters())) / n_weights
+
+
+def head_ratio(model: nn.Module, shapes: Shapes) -> float:
+    """LM head bytes per weight over the layers' (1 unless stored differently)."""
+    body = getattr(model, "model", model)
+    head = model.lm_head if "lm_head" in model else body.embed_tokens
+    layer = bytes_per_weight(model_layers(model)[0].mlp.gate_proj, shapes.hidden * shapes.intermediate)
+    return bytes_per_weight(head, shapes.vocab * shapes.hidden) / layer
 
 
 def bench_decode(
@@ -253,8 +293,10 @@ def bench_decode(
     settings: Settings,
     shapes: Shapes,
     bar: tqdm,
+    head: float = 1.0,
 ) -> List[Dict]:
-    """One row per config: tokens/s over interleaved reps, speed-ups, sparsity."""
+    """One row per config: tokens/s over interleaved reps, speed-ups, sparsity
+    (``head``: the LM head's bytes per weight over the layers')."""
     paths, sparsity = {}, {}
     bar.set_description("decode (warm-up, sparsity)")
     for config in configs:
@@ -284,8 +326,8 @@ def bench_decode(
             # Paired per rep: both ran within moments of each other.
             "speedup": spread(tps / stock),
             "speedup_vs_dense_path": spread(tps / dense),
-            "ideal_speedup": ideal_speedup(shapes, method, config.sparsity),
-            "ideal_speedup_realized": realized_ideal(shapes, sparsity[config]),
+            "ideal_speedup": ideal_speedup(shapes, method, config.sparsity, head),
+            "ideal_speedup_realized": realized_ideal(shapes, sparsity[config], head),
             "realized_sparsity": sparsity[config],
         })
     return rows
@@ -330,44 +372,76 @@ def time_per_call(call: Callable[[mx.array], mx.array], weights: Sequence[mx.arr
     return (time.perf_counter() - start) / len(weights)
 
 
-def kernel_calls(shape: KernelShape, kernels, kept: Sequence[float], dtype) -> Dict[object, Callable]:
+def kernel_calls(
+    shape: KernelShape, kernels, kept: Sequence[float], dtype, quantization: Optional[Quantization] = None
+) -> Dict[object, Callable]:
     """Per kept fraction the kernel call, and under "mlx" MLX's dense matmul
-    as the stock nn.Linear does it (``x @ W.T`` on the ``[out, in]`` weight)."""
+    as the stock layer does it (``x @ W.T`` on the ``[out, in]`` weight, or
+    QuantizedLinear's quantized matmul)."""
     x = kept_vector(shape.n_in, 1.0).astype(dtype)[None]  # one row, as a decode step has
-    calls: Dict[object, Callable] = {"mlx": lambda w: x @ w.T}
+    if quantization is None:
+        calls: Dict[object, Callable] = {"mlx": lambda w: x @ w.T}
+    else:
+        calls = {"mlx": lambda layer: layer(x)}
     for k in kept:
         if shape.kernel == "sparse_in_gemv":
             xk = kept_vector(shape.n_in, k).astype(dtype)[None]
-            calls[k] = lambda wt, xk=xk: kernels.sparse_in_gemv(xk, wt, 1.0)
+            if quantization is None:
+                calls[k] = lambda wt, xk=xk: kernels.sparse_in_gemv(xk, wt, 1.0)
+            else:
+                calls[k] = lambda w, xk=xk: w.sparse_gemv(kernels, xk, 1.0)
         else:
             gate = kept_vector(shape.n_out, k).astype(dtype)
-            calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_gemv(x, w, gate, 1.0)
+            if quantization is None:
+                calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_gemv(x, w, gate, 1.0)
+            else:
+                calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_qgemv(
+                    x, w.weight, w.scales, w.biases, gate, 1.0, w.group_size, w.bits)
     return calls
 
 
-def weight_copies(shape: KernelShape, settings: Settings, dtype) -> Tuple[List[mx.array], List[mx.array]]:
-    """Random weights in the kernel's layout and in nn.Linear's, enough copies
-    to exceed ``settings.cold_bytes``."""
-    size = shape.n_in * shape.n_out * dtype.size
+def weight_copies(
+    shape: KernelShape, settings: Settings, dtype, quantization: Optional[Quantization] = None
+) -> Tuple[list, list, int]:
+    """Random weights in the kernel's layout and in the stock layer's, enough
+    copies to exceed ``settings.cold_bytes``, and the bytes of one copy.
+    Quantized copies are QuantizedLinear layers and their input-major re-layouts."""
+    params = shape.n_in * shape.n_out
+    size = params * dtype.size if quantization is None else params * quantization.bits // 8
     count = int(min(256, max(2, -(-settings.cold_bytes // size))))
     scale = shape.n_in**-0.5
     linear = [(mx.random.normal((shape.n_out, shape.n_in)) * scale).astype(dtype) for _ in range(count)]
     mx.eval(linear)
+    if quantization is not None:
+        layers = []
+        for w in linear:
+            layer = nn.QuantizedLinear(shape.n_in, shape.n_out, False, quantization.group_size, quantization.bits)
+            layer.weight, layer.scales, layer.biases = mx.quantize(w, quantization.group_size, quantization.bits)
+            mx.eval(layer.parameters())
+            layers.append(layer)
+        size = int(bytes_per_weight(layers[0], params) * params)
+        if shape.kernel == "sparse_out_gate_gemv":
+            return layers, layers, size
+        relaid = [QuantizedInputMajorLinear(layer) for layer in layers]
+        mx.eval([r.parameters() for r in relaid])
+        return relaid, layers, size
     if shape.kernel == "sparse_out_gate_gemv":
-        return linear, linear
+        return linear, linear, size
     layout = [(mx.random.normal((shape.n_in, shape.n_out)) * scale).astype(dtype) for _ in range(count)]
     mx.eval(layout)
-    return layout, linear
+    return layout, linear, size
 
 
-def bench_kernels(shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm) -> List[Dict]:
+def bench_kernels(
+    shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm, quantization: Optional[Quantization] = None
+) -> List[Dict]:
     """Per projection shape: kernel time versus kept fraction, interleaved over reps."""
     kept = sorted(set(settings.kept) | {1.0})
     rows = []
     bar.set_description("kernels")
     for shape in kernel_shapes(shapes):
-        sparse_weights, linear_weights = weight_copies(shape, settings, dtype)
-        calls = kernel_calls(shape, kernels, kept, dtype)
+        sparse_weights, linear_weights, size = weight_copies(shape, settings, dtype, quantization)
+        calls = kernel_calls(shape, kernels, kept, dtype, quantization)
         weights = {key: linear_weights if key == "mlx" else sparse_weights for key in calls}
         for key, call in calls.items():  # warm-up
             time_per_call(call, weights[key][:2])
@@ -376,13 +450,15 @@ def bench_kernels(shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm)
             for key, call in calls.items():
                 times[key].append(time_per_call(call, weights[key]) * 1e6)
                 bar.update()
-        rows.append(kernel_row(shape, len(sparse_weights), times, dtype))
+        row = kernel_row(shape, len(sparse_weights), times, size)
+        if quantization is not None:
+            row["kernel"] = row["kernel"].replace("_gemv", "_qgemv")
+        rows.append(row)
         del sparse_weights, linear_weights, weights
     return rows
 
 
-def kernel_row(shape: KernelShape, copies: int, times: Dict[object, List[float]], dtype) -> Dict:
-    size = shape.n_in * shape.n_out * dtype.size
+def kernel_row(shape: KernelShape, copies: int, times: Dict[object, List[float]], size: int) -> Dict:
     full = float(np.median(times[1.0]))
     mlx_dense = spread(times["mlx"])
     return {
@@ -549,16 +625,23 @@ def run_benchmark(
     """Decode and kernel measurements for ``model`` (unpatched on return)."""
     kernels = default_kernels()
     shapes = model_shapes(unsparsify(model))
-    dtype = model.layers[0].mlp.gate_proj.weight.dtype
+    gate_proj = model_layers(model)[0].mlp.gate_proj
+    quantization = None
+    if isinstance(gate_proj, nn.QuantizedLinear):
+        quantization = Quantization(gate_proj.bits, gate_proj.group_size)
+        if kernels is not None and not hasattr(kernels, "sparse_in_qgemv"):
+            kernels = None  # no quantized kernels on this backend: no kernel rows
+    dtype = gate_proj.scales.dtype if quantization else gate_proj.weight.dtype
     configs = make_configs(methods, sparsities)
     kernel_points = (len(set(settings.kept) | {1.0}) + 1) * len(kernel_shapes(shapes)) * settings.kernel_reps
     total = len(configs) * (settings.reps + 1) + (kernel_points if kernels is not None else 0)
     with tqdm(total=total, unit="run", disable=not progress) as bar:
-        decode = bench_decode(model, thresholds, prompt, configs, settings, shapes, bar)
-        kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar) if kernels is not None else []
+        decode = bench_decode(model, thresholds, prompt, configs, settings, shapes, bar, head_ratio(model, shapes))
+        kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar, quantization) if kernels else []
     return {
         "machine": machine_info(kernels),
-        "model": {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype).split(".")[-1]},
+        "model": {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype).split(".")[-1],
+                  "quantization": dataclasses.asdict(quantization) if quantization else None},
         "settings": {**dataclasses.asdict(settings), "prompt_tokens": prompt.size},
         "decode": decode,
         "kernels": kernel_rows,
@@ -588,7 +671,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="smollm2 (offline default), llama-1b-random (random weights, Llama-3.2-1B "
                         "shapes) or a .gguf file, mlx-lm folder or Hugging Face repo")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="Weight type (float32: the fast one on CPUs)")
+                        help="Weight type (float32: the fast one on CPUs); with --quantized, of scales and activations")
+    parser.add_argument("--quantized", action="store_true",
+                        help="Quantized weights: the model's own (smollm2: 4-bit, group 32), or for "
+                        "llama-1b-random a quantization with --q-bits and --q-group-size")
+    parser.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="Bits for --quantized llama-1b-random")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
+                        help="Group size for --quantized llama-1b-random")
     parser.add_argument("--thresholds", default=None,
                         help="Thresholds file (default: the shipped ones, else calibrated here on a few windows)")
     parser.add_argument("--calibration-data", default=None,
@@ -619,8 +708,11 @@ def main(argv=None):
         methods, sparsities = parse_bench_methods(args.methods), parse_sparsities(args.sparsity)
         settings = make_settings(args)
         check_outputs(args)
-        model, tokenizer, label = load_model(args.model, args.dtype)
+        quantization = Quantization(args.q_bits, args.q_group_size) if args.quantized else None
+        model, tokenizer, label = load_model(args.model, args.dtype, quantization)
         thresholds, source = resolve_thresholds(model, tokenizer, args, sparsities, settings)
+        if quantization is not None and not is_quantized(model):
+            label += ", " + quantize(model, quantization)
         prompt = prompt_ids(tokenizer, model_shapes(model).vocab, settings)
         result = run_benchmark(model, thresholds, prompt, methods, sparsities, settings)
         result["model"].update(name=args.model, description=label, thresholds=source)

@@ -43,15 +43,20 @@ LLAMA_32_1B = Shapes(hidden=2048, intermediate=8192, layers=16, heads=32, kv_hea
 LLAMA_3_8B = Shapes(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 
 
-def decode_bytes(shapes: Shapes, bytes_per_weight: float, sparsity: Dict[str, float] = None) -> Dict[str, float]:
+def decode_bytes(
+    shapes: Shapes, bytes_per_weight: float, sparsity: Dict[str, float] = None, head_bytes_per_weight: float = None
+) -> Dict[str, float]:
     """Weight bytes read per decode token, by projection kind (all layers) and
-    for the LM head, with ``sparsity[p]`` of projection p's bytes skipped."""
+    for the LM head, with ``sparsity[p]`` of projection p's bytes skipped.
+    Quantized models count scales and biases in their bytes per weight, and
+    may store the LM head at another width (``head_bytes_per_weight``)."""
     sparsity = sparsity or {}
     read = {
         p: shapes.layers * n * bytes_per_weight * (1 - sparsity.get(p, 0.0))
         for p, n in shapes.projection_params().items()
     }
-    read["lm_head"] = shapes.vocab * shapes.hidden * bytes_per_weight
+    head = bytes_per_weight if head_bytes_per_weight is None else head_bytes_per_weight
+    read["lm_head"] = shapes.vocab * shapes.hidden * head
     return read
 
 
@@ -59,8 +64,14 @@ def method_sparsity(method: str, sparsity: float) -> Dict[str, float]:
     return {p: sparsity for p in SKIPPED[method]}
 
 
-def ideal_speedup(shapes: Shapes, method: str, sparsity: float) -> float:
-    """1 / (1 - skipped bytes / all bytes); the weight dtype cancels out."""
-    dense = sum(decode_bytes(shapes, 1.0).values())
-    sparse = sum(decode_bytes(shapes, 1.0, method_sparsity(method, sparsity)).values())
-    return dense / sparse
+def ideal_speedup(shapes: Shapes, method: str, sparsity: float, head_ratio: float = 1.0) -> float:
+    """1 / (1 - skipped bytes / all bytes); the weight width cancels out
+    unless the LM head's differs (``head_ratio``: its bytes per weight over
+    the layers')."""
+    return skipped_speedup(shapes, method_sparsity(method, sparsity), head_ratio)
+
+
+def skipped_speedup(shapes: Shapes, sparsity: Dict[str, float], head_ratio: float = 1.0) -> float:
+    """The ideal speed-up for ``sparsity[p]`` of each projection p's bytes skipped."""
+    dense = sum(decode_bytes(shapes, 1.0, None, head_ratio).values())
+    return dense / sum(decode_bytes(shapes, 1.0, sparsity, head_ratio).values())

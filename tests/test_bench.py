@@ -57,6 +57,22 @@ def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
             assert all(p["time_us"]["median"] > 0 for p in row["points"])
 
 
+def test_quantized_tiny_benchmark_runs_the_quantized_kernels():
+    model = bench.random_model(TINY)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    assert bench.quantize(model, bench.Quantization(4, 32)) == "4-bit, group 32"
+    prompt = mx.array(random_windows(1, 8, seed=3)[0])
+    result = bench.run_benchmark(model, thresholds, prompt, ["chess+"], [0.5], bench.SHORT, progress=False)
+    check_result(result, ["chess+"], [0.5])
+    assert result["model"]["quantization"] == {"bits": 4, "group_size": 32}
+    if cpu_kernels.available():
+        assert result["decode"][1]["decode_path"] == "CPU extension kernels"
+        for row in result["kernels"]:
+            # 4-bit codes plus a float32 scale and bias per 32 weights
+            assert row["weight_bytes"] == row["in"] * row["out"] * (0.5 + 8 / 32)
+            assert all(p["time_us"]["median"] > 0 for p in row["points"])
+
+
 def test_tiny_benchmark_writes_png(tiny_result, tmp_path):
     png = tmp_path / "bench.png"
     bench.write_outputs(tiny_result, None, str(png))

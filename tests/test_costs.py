@@ -24,3 +24,11 @@ def test_ideal_speedups_order():
     assert ideal_speedup(SMOLLM2_135M, "cats", 0.5) == ideal_speedup(SMOLLM2_135M, "chess", 0.5)
     assert 1 < ideal_speedup(SMOLLM2_135M, "chess", 0.5) < ideal_speedup(SMOLLM2_135M, "chess+", 0.5)
     assert ideal_speedup(SMOLLM2_135M, "chess+", 0.5) == pytest.approx(1.37, abs=0.01)
+
+
+def test_a_wider_lm_head_lowers_the_ideal():
+    # SmolLM2 as stored: 4-bit layers (0.75 B/weight with float32 scales,
+    # group 32) under an 8-bit embedding (1.25 B/weight).
+    same = ideal_speedup(SMOLLM2_135M, "chess+", 0.5)
+    assert ideal_speedup(SMOLLM2_135M, "chess+", 0.5, head_ratio=1.0) == same
+    assert 1 < ideal_speedup(SMOLLM2_135M, "chess+", 0.5, head_ratio=1.25 / 0.75) < same
