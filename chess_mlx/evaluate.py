@@ -346,10 +346,16 @@ def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> Lis
     header = table_header(windows is not None, task_names)
     widths = [max(8, len(h)) for h in header]
     print(text_line(header, widths), flush=True)
-    rows = evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size,
-                    on_row=lambda row: print(text_line(table_cells(row, task_names), widths), flush=True))
-    write_outputs(args, rows, task_names, name, thresholds)
-    return rows
+    done: List[dict] = []
+
+    def on_row(row: dict):
+        print(text_line(table_cells(row, task_names), widths), flush=True)
+        done.append(row)
+        # Rewritten after every row: an evaluation takes hours on a CPU, and
+        # an interruption keeps what was measured.
+        write_outputs(args, done, task_names, name, thresholds)
+
+    return evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size, on_row=on_row)
 
 
 def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[str], name: str, thresholds):
