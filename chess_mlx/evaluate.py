@@ -207,7 +207,8 @@ def evaluate(
 ) -> List[dict]:
     """One result row per (method, sparsity): perplexity over ``windows``
     (from chess_mlx.perplexity.ppl_windows), each task's metrics, the mean
-    acc_norm and the realized sparsity per projection kind."""
+    acc_norm and the realized sparsity per projection kind (over the
+    perplexity text when there is one: task batches count their padding)."""
     rows = []
     for method, sparsity in configurations(methods, sparsities):
         if method == "dense":
@@ -215,13 +216,17 @@ def evaluate(
         else:
             sparsify(model, thresholds, method, sparsity)
         row = {"method": method, "sparsity": sparsity}
-        with track_sparsity(model) as tracker:
-            if windows is not None:
+        if windows is not None:
+            with track_sparsity(model) as tracker:
                 row["perplexity"] = eval_ppl(model, windows[0], progress, scored=windows[1])
+            row["realized_sparsity"] = tracker.summary()
+        with track_sparsity(model) as tracker:
             row["tasks"] = {t.name: eval_task(model, tokenizer, t, batch_size, progress) for t in tasks}
         if tasks:
             row["mean_acc_norm"] = float(np.mean([r["acc_norm"] for r in row["tasks"].values()]))
-        row["realized_sparsity"] = tracker.summary()
+            # Batched choices are padded, and padding positions are counted here.
+            row["realized_sparsity_tasks"] = tracker.summary()
+            row.setdefault("realized_sparsity", row["realized_sparsity_tasks"])
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -257,6 +262,63 @@ def markdown_table(rows: Sequence[dict], task_names: Sequence[str]) -> str:
     header = table_header("perplexity" in rows[0], task_names)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(table_cells(row, task_names)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def gate_sparsity(row: dict) -> float:
+    return row["realized_sparsity"].get("gate", 0.0)
+
+
+def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+    """Piecewise-linear value at ``x`` through ``points``; None outside them."""
+    points = sorted(points)
+    if not points or not points[0][0] <= x <= points[-1][0]:
+        return None
+    xs, ys = zip(*points)
+    return float(np.interp(x, xs, ys))
+
+
+def at_equal_sparsity(rows: Sequence[dict], reference: str = "cats") -> List[dict]:
+    """Every method's quality at the realized gate sparsities of ``reference``'s
+    rows, interpolated between its own rows (log-perplexity and mean acc_norm
+    linearly in realized sparsity): targets are hit only on average, so
+    methods are also compared where they really drop the same share."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    own = {m: [r for r in rows if r["method"] == m] for m in methods}
+    metrics = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
+               "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
+    table = []
+    for ref in own.get(reference, []):
+        x = gate_sparsity(ref)
+        entry = {"realized_gate_sparsity": x}
+        for method in methods:
+            values = {}
+            for name, value in metrics.items():
+                points = [(gate_sparsity(r), value(r)) for r in own[method] if value(r) is not None]
+                y = interpolate(points, x)
+                if y is not None:
+                    values[name] = math.exp(y) if name == "ppl" else y
+            entry[method] = values
+        table.append(entry)
+    return table
+
+
+def equal_sparsity_markdown(table: Sequence[dict]) -> str:
+    """Perplexity (and mean acc_norm) per method at equal realized gate sparsity."""
+    if not table:
+        return ""
+    methods = [k for k in table[0] if k != "realized_gate_sparsity"]
+    lines = ["| realized gate sparsity | " + " | ".join(methods) + " |",
+             "|" + "|".join(" --- " for _ in range(len(methods) + 1)) + "|"]
+    for entry in table:
+        cells = []
+        for method in methods:
+            v = entry[method]
+            cell = f"{v['ppl']:.2f}" if "ppl" in v else "-"
+            if "mean_acc_norm" in v:
+                cell += f" ({100 * v['mean_acc_norm']:.1f})"
+            cells.append(cell)
+        lines.append(f"| {entry['realized_gate_sparsity']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -355,7 +417,12 @@ def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> Lis
         # an interruption keeps what was measured.
         write_outputs(args, done, task_names, name, thresholds)
 
-    return evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size, on_row=on_row)
+    rows = evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size, on_row=on_row)
+    equal = equal_sparsity_markdown(at_equal_sparsity(rows))
+    if equal:
+        print("\nAt cats' realized gate sparsities (interpolated; perplexity, mean acc_norm in brackets):")
+        print(equal, end="")
+    return rows
 
 
 def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[str], name: str, thresholds):
@@ -368,10 +435,16 @@ def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[s
             "tasks": dict(zip(task_names, args.tasks)),
             "limit": args.limit,
             "rows": rows,
+            "at_equal_realized_sparsity": at_equal_sparsity(rows),
         }
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(rows, task_names))
+        text = markdown_table(rows, task_names)
+        equal = equal_sparsity_markdown(at_equal_sparsity(rows))
+        if equal:
+            text += ("\nAt equal realized gate sparsity (each method interpolated between its own rows "
+                     "at cats' realized sparsities; perplexity, mean acc_norm in brackets):\n\n" + equal)
+        Path(args.markdown).write_text(text)
     if args.plot:
         plot_quality(rows, args.plot)
 

@@ -14,7 +14,9 @@ from chess_mlx.errors import ChessError
 from chess_mlx.evaluate import (
     Example,
     Task,
+    at_equal_sparsity,
     encode_pair,
+    equal_sparsity_markdown,
     eval_task,
     evaluate,
     load_task,
@@ -323,3 +325,21 @@ def test_cli_on_smollm2(tmp_path):
     assert [r["method"] for r in rows] == ["dense", "chess+"]
     assert 1 < rows[0]["perplexity"]["ppl"] < rows[1]["perplexity"]["ppl"] < 1000
     assert abs(rows[1]["realized_sparsity"]["gate"] - 0.5) < 0.15
+
+
+def test_methods_compare_at_equal_realized_sparsity():
+    def row(method, gate, ppl, acc):
+        return {"method": method, "sparsity": 0.5, "realized_sparsity": {"gate": gate},
+                "perplexity": {"ppl": ppl}, "mean_acc_norm": acc}
+
+    rows = [row("dense", 0.0, 10.0, 0.5), row("cats", 0.3, 12.0, 0.4), row("cats", 0.6, 20.0, 0.3),
+            row("chess", 0.2, 11.0, 0.45), row("chess", 0.4, 11.0 * 4, 0.35)]
+    table = at_equal_sparsity(rows)
+    assert [e["realized_gate_sparsity"] for e in table] == [0.3, 0.6]
+    # log-perplexity is linear in sparsity between chess' rows: halfway is the geometric mean
+    assert table[0]["chess"]["ppl"] == pytest.approx(22.0)
+    assert table[0]["chess"]["mean_acc_norm"] == pytest.approx(0.40)
+    assert table[0]["cats"] == {"ppl": pytest.approx(12.0), "mean_acc_norm": pytest.approx(0.4)}
+    assert table[1]["chess"] == {}  # 0.6 lies outside chess' measured range
+    text = equal_sparsity_markdown(table)
+    assert "| 0.300 | 12.00 (40.0) | 22.00 (40.0) |" in text and "| 0.600 | 20.00 (30.0) | - |" in text
