@@ -146,7 +146,7 @@ class InputMajorLinear(nn.Module):
 def kernel_ready(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) -> bool:
     """Whether ``kernels`` can run ``linear`` input-major: float nn.Linear
     layers always, affine 4/8-bit QuantizedLinear layers where the kernels
-    have quantized variants (the CPU extension; Metal: not yet)."""
+    have quantized variants (the CPU extension and the Metal kernels do)."""
     if type(linear) is nn.Linear:
         return True
     return relayout_ready(linear) and hasattr(kernels, "sparse_in_qgemv")

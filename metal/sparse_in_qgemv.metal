@@ -54,7 +54,10 @@ const int lane_m = int(lane) / SN;
 const uint row_lane = sg * SM + uint(lane_m);
 const int tile0 = int(threadgroup_position_in_grid.x) * BN;
 const int word0 = tile0 / PER + lane_n * WN;
-const int n_words = metal::clamp(row_words - word0, 0, WN);
+// Loops below run to the compile-time WN / TN with guards, so the private
+// arrays are indexed statically (kept in registers, not spilled to the stack).
+const int n_words = metal::min(metal::max(row_words - word0, 0), WN);
+const int n_cols = n_words * PER;
 
 float acc[TN];   // sum x_i * code over the current group's kept rows
 float yacc[TN];  // flushed groups
@@ -115,9 +118,11 @@ for (int c0 = 0; c0 < in_size; c0 += CHUNK) {
       if (i / GS != group) {
         if (group >= 0) {
           const size_t gb = size_t(group) * size_t(out_size) + size_t(word0) * PER;
-          for (int j = 0; j < n_words * PER; j++) {
-            yacc[j] += static_cast<float>(scales[gb + j]) * acc[j] +
-                static_cast<float>(biases[gb + j]) * xsum;
+          for (int j = 0; j < TN; j++) {
+            if (j < n_cols) {
+              yacc[j] += static_cast<float>(scales[gb + j]) * acc[j] +
+                  static_cast<float>(biases[gb + j]) * xsum;
+            }
             acc[j] = 0.0f;
           }
         }
@@ -126,10 +131,12 @@ for (int c0 = 0; c0 < in_size; c0 += CHUNK) {
       }
       xsum += v;
       const size_t rb = size_t(i) * size_t(row_words) + size_t(word0);
-      for (int w = 0; w < n_words; w++) {
-        const uint word = wq[rb + w];
-        for (int t = 0; t < PER; t++) {
-          acc[w * PER + t] += v * static_cast<float>((word >> (t * BITS)) & MASK);
+      for (int w = 0; w < WN; w++) {
+        if (w < n_words) {
+          const uint word = wq[rb + w];
+          for (int t = 0; t < PER; t++) {
+            acc[w * PER + t] += v * static_cast<float>((word >> (t * BITS)) & MASK);
+          }
         }
       }
     }
@@ -139,9 +146,11 @@ for (int c0 = 0; c0 < in_size; c0 += CHUNK) {
 }
 if (group >= 0) {
   const size_t gb = size_t(group) * size_t(out_size) + size_t(word0) * PER;
-  for (int j = 0; j < n_words * PER; j++) {
-    yacc[j] += static_cast<float>(scales[gb + j]) * acc[j] +
-        static_cast<float>(biases[gb + j]) * xsum;
+  for (int j = 0; j < TN; j++) {
+    if (j < n_cols) {
+      yacc[j] += static_cast<float>(scales[gb + j]) * acc[j] +
+          static_cast<float>(biases[gb + j]) * xsum;
+    }
   }
 }
 
