@@ -343,6 +343,20 @@ void check_float_operand(
   }
 }
 
+// Allocates the output and registers every array with the stream's encoder.
+mx::cpu::CommandEncoder& prepare(
+    const mx::Stream& stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& y) {
+  y.set_data(mx::allocator::malloc(y.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(y);
+  return encoder;
+}
+
 } // namespace
 
 std::string kernel_isa() {
@@ -533,13 +547,7 @@ void SparseInGemv::eval_cpu(
   const auto& wt = inputs[1];
   const auto& thr = inputs[2];
   auto& y = outputs[0];
-  y.set_data(mx::allocator::malloc(y.nbytes()));
-
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(wt);
-  encoder.set_input_array(thr);
-  encoder.set_output_array(y);
+  auto& encoder = prepare(stream(), inputs, y);
 
   encoder.dispatch([xo = operand(x),
                     wo = operand(wt),
@@ -606,14 +614,7 @@ void SparseOutGateGemv::eval_cpu(
   const auto& gate = inputs[2];
   const auto& thr = inputs[3];
   auto& y = outputs[0];
-  y.set_data(mx::allocator::malloc(y.nbytes()));
-
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_input_array(gate);
-  encoder.set_input_array(thr);
-  encoder.set_output_array(y);
+  auto& encoder = prepare(stream(), inputs, y);
 
   encoder.dispatch([xo = operand(x),
                     wo = operand(w),
@@ -670,12 +671,7 @@ void SparseInQGemv::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   auto& y = outputs[0];
-  y.set_data(mx::allocator::malloc(y.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  encoder.set_output_array(y);
+  auto& encoder = prepare(stream(), inputs, y);
   const auto& wq = inputs[1];
   encoder.dispatch([xo = operand(inputs[0]),
                     wo = operand(wq),
@@ -723,12 +719,7 @@ void SparseOutGateQGemv::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   auto& y = outputs[0];
-  y.set_data(mx::allocator::malloc(y.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  encoder.set_output_array(y);
+  auto& encoder = prepare(stream(), inputs, y);
   const auto& wq = inputs[1];
   encoder.dispatch([xo = operand(inputs[0]),
                     wo = operand(wq),
