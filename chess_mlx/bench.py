@@ -93,14 +93,58 @@ def make_configs(methods: Sequence[str], sparsities: Sequence[float]) -> List[Co
     return [Config(STOCK), Config(DENSE)] + [Config(m, s) for m in methods for s in sparsities]
 
 
-def apply_config(model: nn.Module, thresholds: Thresholds, config: Config):
+def apply_config(model: nn.Module, thresholds: Thresholds, config: Config, kernels="auto"):
     if config.method == STOCK:
         unsparsify(model)
     elif config.method == DENSE:
-        sparsify(model, thresholds, "chess", 0.0)  # zero thresholds: the kernels keep everything
+        sparsify(model, thresholds, "chess", 0.0, kernels)  # zero thresholds: the kernels keep everything
     else:
-        sparsify(model, thresholds, config.method, config.sparsity)
+        sparsify(model, thresholds, config.method, config.sparsity, kernels)
     mx.eval(model.parameters())  # the input-major re-layout happens here, not in the timing
+
+
+class RecordingKernels:
+    """Forwards to ``kernels``, recording each GEMV call while ``recording``."""
+
+    def __init__(self, kernels):
+        self._kernels = kernels
+        self.recording = False
+        self.calls: List[Tuple[Callable, tuple]] = []
+
+    def __getattr__(self, name: str):
+        target = getattr(self._kernels, name)
+        if not name.startswith("sparse_"):
+            return target
+
+        def call(*args):
+            if self.recording:
+                self.calls.append((target, args))
+            return target(*args)
+
+        return call
+
+
+def kernel_time_per_step(
+    model: nn.Module, thresholds: Thresholds, config: Config, prompt: mx.array, kernels, reps: int
+) -> Optional[float]:
+    """Seconds one decode step spends in its GEMV calls, replayed alone in
+    step order (median of ``reps``); the rest of the step is everything else:
+    attention, norms, small MLX ops and their dispatch."""
+    if kernels is None or config.method == STOCK:
+        return None
+    recorder = RecordingKernels(kernels)
+    apply_config(model, thresholds, config, recorder)
+    cache, y = prefill(model, prompt)
+    recorder.recording = True
+    decode_steps(model, cache, y, 1)
+    recorder.recording = False
+    times = []
+    for _ in range(max(reps, 1)):
+        outputs = [fn(*args) for fn, args in recorder.calls]
+        start = time.perf_counter()
+        mx.eval(outputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 # --------------------------------------------------------------------------
@@ -297,12 +341,14 @@ def bench_decode(
 ) -> List[Dict]:
     """One row per config: tokens/s over interleaved reps, speed-ups, sparsity
     (``head``: the LM head's bytes per weight over the layers')."""
-    paths, sparsity = {}, {}
+    paths, sparsity, kernel_time = {}, {}, {}
     bar.set_description("decode (warm-up, sparsity)")
     for config in configs:
         apply_config(model, thresholds, config)
         paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(model)
         sparsity[config] = realized_sparsity(model, prompt, settings.tokens)
+        kernel_time[config] = kernel_time_per_step(model, thresholds, config, prompt, default_kernels(),
+                                                   settings.kernel_reps)
         bar.update()
     speeds = {config: [] for config in configs}
     bar.set_description("decode")
@@ -329,6 +375,10 @@ def bench_decode(
             "ideal_speedup": ideal_speedup(shapes, method, config.sparsity, head),
             "ideal_speedup_realized": realized_ideal(shapes, sparsity[config], head),
             "realized_sparsity": sparsity[config],
+            # Where a step goes: its GEMV calls timed alone, and the rest.
+            "kernel_ms_per_step": None if kernel_time[config] is None else 1e3 * kernel_time[config],
+            "other_ms_per_step": None if kernel_time[config] is None
+            else 1e3 / float(np.median(tps)) - 1e3 * kernel_time[config],
         })
     return rows
 
@@ -542,12 +592,14 @@ def format_sparsity(sparsity: Dict[str, float]) -> str:
 
 def print_decode(rows: List[Dict]):
     print(f"{'config':<16} {'tok/s':>7} {'(min-max)':>15} {'vs mlx-lm':>9} {'vs dense':>8} "
-          f"{'ideal':>6} {'@real':>6}  realized sparsity")
+          f"{'ideal':>6} {'@real':>6} {'ms: GEMVs + rest':>17}  realized sparsity")
     for r in rows:
         t, s = r["tokens_per_s"], r["speedup"]
+        split = "" if r["kernel_ms_per_step"] is None else \
+            f"{r['kernel_ms_per_step']:.1f} + {r['other_ms_per_step']:.1f}"
         print(f"{r['config']:<16} {t['median']:7.2f} {'(%.2f-%.2f)' % (t['min'], t['max']):>15} "
               f"{s['median']:8.2f}x {r['speedup_vs_dense_path']['median']:7.2f}x {r['ideal_speedup']:5.2f}x "
-              f"{r['ideal_speedup_realized']:5.2f}x  {format_sparsity(r['realized_sparsity'])}")
+              f"{r['ideal_speedup_realized']:5.2f}x {split:>17}  {format_sparsity(r['realized_sparsity'])}")
 
 
 def print_kernels(rows: List[Dict]):

@@ -50,6 +50,8 @@ def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
     check_result(result, METHODS, SPARSITIES)
     if cpu_kernels.available():
         assert result["decode"][1]["decode_path"] == "CPU extension kernels"
+        assert result["decode"][0]["kernel_ms_per_step"] is None  # stock mlx-lm runs no GEMVs of ours
+        assert all(r["kernel_ms_per_step"] > 0 for r in result["decode"][1:])
         shapes = {(r["kernel"], r["in"], r["out"]) for r in result["kernels"]}
         assert shapes == {("sparse_in_gemv", 64, 64), ("sparse_out_gate_gemv", 64, 96), ("sparse_in_gemv", 96, 64)}
         for row in result["kernels"]:
@@ -114,3 +116,16 @@ def test_short_run_on_smollm2(tmp_path):
                 "--output", str(output), "--plot", str(png)])
     check_result(json.loads(output.read_text()), ["chess", "chess+"], [0.5])
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU extension is not built")
+def test_recording_kernels_forward_and_record_only_while_asked():
+    recorder = bench.RecordingKernels(cpu_kernels)
+    assert recorder.__name__ == cpu_kernels.__name__  # kernel_backend names the wrapped module
+    x, wt = mx.ones((4,)), mx.ones((4, 3))
+    recorder.sparse_in_gemv(x, wt, 0.0)
+    assert recorder.calls == []
+    recorder.recording = True
+    y = recorder.sparse_in_gemv(x, wt, 0.0)
+    assert len(recorder.calls) == 1 and recorder.calls[0][1][1] is wt
+    assert mx.array_equal(y, cpu_kernels.sparse_in_gemv(x, wt, 0.0))
