@@ -41,7 +41,7 @@ from .costs import Shapes, ideal_speedup, skipped_speedup
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
-    default_kernels, kernel_backend, model_layers, parse_methods, sparsify, track_sparsity,
+    default_kernels, kernel_backend, model_layers, out_gemv, parse_methods, sparsify, track_sparsity,
     unsparsify,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
@@ -124,16 +124,11 @@ class RecordingKernels:
         return call
 
 
-def kernel_time_per_step(
-    model: nn.Module, thresholds: Thresholds, config: Config, prompt: mx.array, kernels, reps: int
-) -> Optional[float]:
-    """Seconds one decode step spends in its GEMV calls, replayed alone in
-    step order (median of ``reps``); the rest of the step is everything else:
-    attention, norms, small MLX ops and their dispatch."""
-    if kernels is None or config.method == STOCK:
-        return None
-    recorder = RecordingKernels(kernels)
-    apply_config(model, thresholds, config, recorder)
+def kernel_time_per_step(model: nn.Module, prompt: mx.array, recorder: RecordingKernels, reps: int) -> float:
+    """Seconds one decode step of ``model`` (patched with ``recorder``) spends
+    in its GEMV calls, replayed alone in step order (median of ``reps``); the
+    rest of the step is everything else: attention, norms, small MLX ops and
+    their dispatch."""
     cache, y = prefill(model, prompt)
     recorder.recording = True
     decode_steps(model, cache, y, 1)
@@ -144,6 +139,7 @@ def kernel_time_per_step(
         start = time.perf_counter()
         mx.eval(outputs)
         times.append(time.perf_counter() - start)
+    recorder.calls.clear()
     return float(np.median(times))
 
 
@@ -342,13 +338,16 @@ def bench_decode(
     """One row per config: tokens/s over interleaved reps, speed-ups, sparsity
     (``head``: the LM head's bytes per weight over the layers')."""
     paths, sparsity, kernel_time = {}, {}, {}
+    kernels = default_kernels()
     bar.set_description("decode (warm-up, sparsity)")
     for config in configs:
-        apply_config(model, thresholds, config)
+        # Stock mlx-lm runs none of our GEMVs; the others record one step's.
+        recorder = RecordingKernels(kernels) if kernels is not None and config.method != STOCK else None
+        apply_config(model, thresholds, config, recorder)
         paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(model)
         sparsity[config] = realized_sparsity(model, prompt, settings.tokens)
-        kernel_time[config] = kernel_time_per_step(model, thresholds, config, prompt, default_kernels(),
-                                                   settings.kernel_reps)
+        kernel_time[config] = None if recorder is None else \
+            kernel_time_per_step(model, prompt, recorder, settings.kernel_reps)
         bar.update()
     speeds = {config: [] for config in configs}
     bar.set_description("decode")
@@ -445,8 +444,7 @@ def kernel_calls(
             if quantization is None:
                 calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_gemv(x, w, gate, 1.0)
             else:
-                calls[k] = lambda w, gate=gate: kernels.sparse_out_gate_qgemv(
-                    x, w.weight, w.scales, w.biases, gate, 1.0, w.group_size, w.bits)
+                calls[k] = lambda layer, gate=gate: out_gemv(kernels, x, layer, gate, 1.0)
     return calls
 
 

@@ -303,6 +303,10 @@ def at_equal_sparsity(rows: Sequence[dict], reference: str = "cats") -> List[dic
     return table
 
 
+EQUAL_SPARSITY_TITLE = ("At equal realized gate sparsity (each method interpolated between its own rows "
+                        "at cats' realized sparsities; perplexity, mean acc_norm in brackets)")
+
+
 def equal_sparsity_markdown(table: Sequence[dict]) -> str:
     """Perplexity (and mean acc_norm) per method at equal realized gate sparsity."""
     if not table:
@@ -420,12 +424,12 @@ def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> Lis
     rows = evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size, on_row=on_row)
     equal = equal_sparsity_markdown(at_equal_sparsity(rows))
     if equal:
-        print("\nAt cats' realized gate sparsities (interpolated; perplexity, mean acc_norm in brackets):")
-        print(equal, end="")
+        print(f"\n{EQUAL_SPARSITY_TITLE}:\n\n{equal}", end="")
     return rows
 
 
 def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[str], name: str, thresholds):
+    equal = at_equal_sparsity(rows)
     if args.output:
         report = {
             "model": name,
@@ -435,15 +439,13 @@ def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[s
             "tasks": dict(zip(task_names, args.tasks)),
             "limit": args.limit,
             "rows": rows,
-            "at_equal_realized_sparsity": at_equal_sparsity(rows),
+            "at_equal_realized_sparsity": equal,
         }
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
         text = markdown_table(rows, task_names)
-        equal = equal_sparsity_markdown(at_equal_sparsity(rows))
         if equal:
-            text += ("\nAt equal realized gate sparsity (each method interpolated between its own rows "
-                     "at cats' realized sparsities; perplexity, mean acc_norm in brackets):\n\n" + equal)
+            text += f"\n{EQUAL_SPARSITY_TITLE}:\n\n{equal_sparsity_markdown(equal)}"
         Path(args.markdown).write_text(text)
     if args.plot:
         plot_quality(rows, args.plot)

@@ -34,12 +34,23 @@ def pack_codes(codes: mx.array, bits: int) -> mx.array:
     return words.sum(axis=-1).astype(mx.uint32)  # disjoint bits: the sum is an OR
 
 
+def kernel_quantization(layer: nn.Module) -> bool:
+    """A quantized layer (linear or embedding) whose quantization the kernels
+    read: affine, 4 or 8 bits."""
+    return (
+        isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        and getattr(layer, "mode", "affine") == "affine"
+        and layer.bits in BITS
+    )
+
+
 def relayout_ready(linear: nn.Module) -> bool:
-    """An affine QuantizedLinear whose codes can be repacked along outputs."""
-    if not isinstance(linear, nn.QuantizedLinear) or getattr(linear, "mode", "affine") != "affine":
-        return False
-    out_dims = linear.weight.shape[0]
-    return linear.bits in BITS and out_dims % (32 // linear.bits) == 0
+    """A kernel-readable QuantizedLinear whose codes can be repacked along outputs."""
+    return (
+        isinstance(linear, nn.QuantizedLinear)
+        and kernel_quantization(linear)
+        and linear.weight.shape[0] % (32 // linear.bits) == 0
+    )
 
 
 class QuantizedInputMajorLinear(nn.Module):

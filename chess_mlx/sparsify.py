@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ChessError
-from .quantized import BITS as QUANTIZED_BITS, QuantizedInputMajorLinear, relayout_ready
+from .quantized import QuantizedInputMajorLinear, kernel_quantization, relayout_ready
 
 if TYPE_CHECKING:
     from .thresholds import Thresholds
@@ -161,12 +161,7 @@ def input_major(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) ->
 
 def quantized_ready(linear: nn.Module, kernels: Optional["DecodeKernels"]) -> bool:
     """An affine 4/8-bit quantized layer the kernels' output GEMV can read as stored."""
-    return (
-        isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        and getattr(linear, "mode", "affine") == "affine"
-        and linear.bits in QUANTIZED_BITS
-        and hasattr(kernels, "sparse_out_gate_qgemv")
-    )
+    return kernel_quantization(linear) and hasattr(kernels, "sparse_out_gate_qgemv")
 
 
 def out_gemv_ready(linear: nn.Module, kernels: Optional["DecodeKernels"]) -> bool:
