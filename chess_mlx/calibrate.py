@@ -237,6 +237,7 @@ def main(argv=None):
         check_destination(args.out)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
+        model_layers(model)  # an unsupported architecture fails here, before tokenizing the data
         windows = token_windows(documents, tokenizer, args.window, args.tokens)
         thresholds = calibrate(model, windows, sparsities, args.statistic)
         thresholds.metadata.update(

@@ -2,7 +2,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import random_windows
+from conftest import WIKITEXT, ByteTokenizer, random_windows
 
 from chess_mlx.calibrate import calibrate, parse_sparsities, quantiles
 from chess_mlx.errors import ChessError
@@ -112,3 +112,22 @@ def test_bad_inputs(tiny_model):
     with pytest.raises(ChessError, match="comma-separated"):
         parse_sparsities("half")
     assert parse_sparsities("0.7,0.3,0.3") == [0.3, 0.7]
+
+
+def test_cli_reports_an_unsupported_architecture_before_the_data(tmp_path, monkeypatch, capsys):
+    from mlx_lm.models import gpt2
+
+    from chess_mlx import calibrate as calibrate_module
+
+    args = gpt2.ModelArgs(model_type="gpt2", n_ctx=32, n_embd=16, n_head=2, n_layer=1, n_positions=32,
+                          layer_norm_epsilon=1e-5, vocab_size=101)
+    monkeypatch.setattr(calibrate_module, "load_from_args", lambda _: (gpt2.Model(args), ByteTokenizer(), "gpt2"))
+    out = tmp_path / "t.safetensors"
+    # More tokens than the data holds: the architecture error must come first.
+    with pytest.raises(SystemExit) as e:
+        calibrate_module.main(["--data", str(WIKITEXT), "--documents", ":1", "--tokens", "100000000",
+                               "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported model type 'gpt2'" in err[0]
+    assert not out.exists()
