@@ -18,9 +18,9 @@ from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, kernel_quantization, relayout_ready
 
 if TYPE_CHECKING:
-    from .thresholds import Thresholds
+    from .thresholds import LayerThresholds, Thresholds
 
-METHODS = ("dense", "cats", "chess", "chess+")
+METHODS = ("dense", "cats", "chess", "chess+", "teal", "alloc")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # The activation applied to gate_proj's output in each supported family.
@@ -262,54 +262,106 @@ def format_sparsity(summary: Dict[str, float]) -> str:
 
 
 class SparseMLP(nn.Module):
-    """Gated MLP whose activated gate is thresholded (CATS scalar or CHESS per channel).
+    """Gated MLP with thresholded activations (see LayerThresholds).
 
-    ``a_gate`` entries with ``|a_gate| < tau`` are zeroed, so the matching rows
-    of up_proj and columns of down_proj contribute nothing.
+    ``plan.gate`` zeroes activated-gate entries with ``|a_gate| < tau`` (CATS
+    scalar or CHESS per channel), so the matching rows of up_proj and columns
+    of down_proj contribute nothing; ``plan.mlp_in`` thresholds the input of
+    gate_proj (and of up_proj unless the gate mask serves it), ``plan.down_in``
+    the input of down_proj.
     """
 
     def __init__(
         self,
         dense: nn.Module,
         activation: Callable,
-        tau: mx.array,
+        plan: "LayerThresholds",
         name: str,
         kernels: Optional[DecodeKernels] = None,
     ):
         super().__init__()
         self.dense = dense
-        self.tau = tau
+        self.tau = plan.gate if plan.gate is not None else mx.zeros((1,))
+        self.tau_in = plan.mlp_in
+        self.tau_down = plan.down_in
+        self._has_gate = plan.gate is not None
+        self._up_from_mask = self._has_gate and plan.up_from_mask
         self._activation = activation
         self._name = name
         self._tracker: Optional[SparsityTracker] = None
         self._kernels = None
-        # vmmsp has no bias term: an up_proj bias (rare) keeps the reference path.
-        up = dense.up_proj
-        up_ready = type(up) is nn.Linear or quantized_ready(up, kernels)
-        if kernels is not None and up_ready and "bias" not in up and kernel_ready(dense.down_proj, kernels):
+        if kernels is not None and self._kernel_ready(kernels):
             dense.down_proj = input_major(dense.down_proj)
             if kernel_ready(dense.gate_proj, kernels):
                 dense.gate_proj = input_major(dense.gate_proj, kernels)
+            if not self._up_from_mask:
+                dense.up_proj = input_major(dense.up_proj)
             self._kernels = kernels
 
-    def __call__(self, x: mx.array) -> mx.array:
-        gate = self._activation(self.dense.gate_proj(x))
-        keep = keep_mask(gate, self.tau)
-        if self._tracker is not None:
-            self._tracker.add(self._name, keep)
-        if self._kernels is not None and is_decode(x):
-            return self._decode(x, gate)
-        gate = mx.where(keep, gate, 0)
-        return self.dense.down_proj(gate * self.dense.up_proj(x))
+    def _kernel_ready(self, kernels: DecodeKernels) -> bool:
+        up = self.dense.up_proj
+        if self._up_from_mask:
+            # vmmsp has no bias term: an up_proj bias (rare) keeps the reference path.
+            up_ready = (type(up) is nn.Linear or quantized_ready(up, kernels)) and "bias" not in up
+        else:
+            up_ready = kernel_ready(up, kernels) and (self.tau_in is None or kernel_ready(self.dense.gate_proj, kernels))
+        return up_ready and kernel_ready(self.dense.down_proj, kernels)
 
-    def _decode(self, x: mx.array, gate: mx.array) -> mx.array:
-        up, down = self.dense.up_proj, self.dense.down_proj
-        hidden = out_gemv(self._kernels, x, up, gate, self.tau)
-        y = down.sparse_gemv(self._kernels, hidden, NONZERO)
-        return add_bias(y, down).reshape(*x.shape[:-1], -1)
+    def _track(self, kind: str, keep: mx.array):
+        if self._tracker is not None:
+            self._tracker.add(f"{self._name}.{kind}", keep)  # e.g. layers.3.gate
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._kernels is not None and is_decode(x):
+            return self._decode(x)
+        x_in = x
+        if self.tau_in is not None:
+            keep_in = keep_mask(x, self.tau_in)
+            self._track("mlp_in", keep_in)
+            x_in = mx.where(keep_in, x, 0)
+        gate = self._masked_gate(self._activation(self.dense.gate_proj(x_in)))
+        hidden = gate * self.dense.up_proj(x if self._up_from_mask else x_in)
+        return self.dense.down_proj(self._threshold_down(hidden))
+
+    def _masked_gate(self, gate: mx.array) -> mx.array:
+        if self._has_gate:
+            keep = keep_mask(gate, self.tau)
+            self._track("gate", keep)
+            gate = mx.where(keep, gate, 0)
+        return gate
+
+    def _threshold_down(self, hidden: mx.array) -> mx.array:
+        if self.tau_down is None:
+            return hidden
+        keep = keep_mask(hidden, self.tau_down)
+        self._track("down_in", keep)
+        return mx.where(keep, hidden, 0)
+
+    def _decode(self, x: mx.array) -> mx.array:
+        gate_proj, up, down = self.dense.gate_proj, self.dense.up_proj, self.dense.down_proj
+        shape = (*x.shape[:-1], -1)
+        if self.tau_in is None:
+            gate = self._activation(gate_proj(x))
+        else:
+            self._track("mlp_in", keep_mask(x, self.tau_in))
+            gate = self._activation(add_bias(gate_proj.sparse_gemv(self._kernels, x, self.tau_in), gate_proj))
+        if self._up_from_mask:
+            self._track("gate", keep_mask(gate, self.tau))
+            hidden = out_gemv(self._kernels, x, up, gate, self.tau)
+        else:
+            tau_in = 0.0 if self.tau_in is None else self.tau_in
+            up_out = add_bias(up.sparse_gemv(self._kernels, x, tau_in), up)
+            hidden = self._masked_gate(gate.reshape(shape)) * up_out.reshape(shape)
+        if self.tau_down is None:
+            tau_down = NONZERO
+        else:
+            self._track("down_in", keep_mask(hidden, self.tau_down))
+            tau_down = mx.maximum(self.tau_down, NONZERO)
+        y = down.sparse_gemv(self._kernels, hidden, tau_down)
+        return add_bias(y, down).reshape(shape)
 
     def restore(self) -> nn.Module:
-        for name in ("gate_proj", "down_proj"):
+        for name in ("gate_proj", "up_proj", "down_proj"):
             module = getattr(self.dense, name)
             if isinstance(module, INPUT_MAJOR):
                 setattr(self.dense, name, module.to_linear())
@@ -405,15 +457,18 @@ def sparsify(
     Methods: ``dense`` (no change), ``cats`` (one gate threshold per layer),
     ``chess`` (a gate threshold per FFN channel) and ``chess+`` (chess plus
     scalar thresholds on the inputs of q_proj and o_proj; k_proj and v_proj
-    keep reading the dense hidden state). ``sparsity`` must be one of the
-    calibrated targets, or 0 (no entry is dropped).
+    keep reading the dense hidden state), ``teal`` (scalar thresholds on the
+    inputs of all seven projections, as TEAL) and ``alloc`` (the per-layer,
+    per-projection allocation calibration searched; ``sparsity`` is then its
+    target ideal speed-up). ``sparsity`` must be one of the calibrated
+    targets, or 0 (no entry is dropped).
 
     ``kernels`` runs one-token calls (decode) of float layers through sparse
     GEMVs: ``"auto"`` picks them for the default device at patch time (Metal
     on the GPU, the compiled extension on the CPU), ``None`` keeps the
     reference path everywhere. Prompts (several tokens) always take the
     reference path. With kernels, every float projection of the layers except
-    up_proj is re-laid input-major once (not duplicated), and the ones that
+    up_proj (unless it is input-sparse) is re-laid input-major once (not duplicated), and the ones that
     are not sparsified run through the same GEMV with nothing dropped; the
     LM head (tied or not) decodes through the output GEMV on its own layout.
     """
@@ -427,13 +482,14 @@ def sparsify(
     if kernels == "auto":
         kernels = default_kernels()
     activation = ACTIVATIONS[model.model_type]
-    taus = thresholds.select(method, sparsity)
-    for i, layer in enumerate(layers):
-        layer.mlp = SparseMLP(layer.mlp, activation, taus["gate"][i], f"layers.{i}.gate", kernels)
+    for i, (layer, plan) in enumerate(zip(layers, thresholds.layer_thresholds(method, sparsity))):
+        if plan.mlp:
+            layer.mlp = SparseMLP(layer.mlp, activation, plan, f"layers.{i}", kernels)
         attn = layer.self_attn
-        if method == "chess+":
-            attn.q_proj = InputSparseLinear(attn.q_proj, taus["q_proj"][i], f"layers.{i}.q_proj", kernels)
-            attn.o_proj = InputSparseLinear(attn.o_proj, taus["o_proj"][i], f"layers.{i}.o_proj", kernels)
+        inputs = {"q_proj": plan.q_in, "k_proj": plan.kv_in, "v_proj": plan.kv_in, "o_proj": plan.o_in}
+        for proj, tau in inputs.items():
+            if tau is not None:
+                setattr(attn, proj, InputSparseLinear(getattr(attn, proj), tau, f"layers.{i}.{proj}", kernels))
         if kernels is not None:
             for proj in ATTENTION_PROJECTIONS:
                 module = getattr(attn, proj)

@@ -6,8 +6,20 @@ One safetensors file holds, for L layers, S calibrated sparsities, FFN width F:
     up_stat    [L, F]     m_i, the per-channel statistic of |a_up|
     chess      [L, S, F]  per-channel gate thresholds tau_i = tau_imp / m_i
     cats       [L, S]     one gate threshold per layer (CATS)
-    q_proj     [L, S]     one threshold per layer on the q_proj input
+    q_proj     [L, S]     one threshold per layer on the attention input (q/k/v)
     o_proj     [L, S]     one threshold per layer on the o_proj input
+    mlp_in     [L, S]     one threshold per layer on the MLP input (gate/up)
+    down_in    [L, S]     one threshold per layer on the down_proj input
+
+and, when calibration searched allocations (see chess_mlx.allocation), for A
+target ideal speed-ups and the C components of ALLOCATED:
+
+    allocation_speedups   [A]        the targets
+    allocation_predicted  [A]        the ideal speed-up each allocation buys
+    allocations           [A, L, C]  the sparsity of each component (0 or one of ``sparsities``)
+
+Files from before mlp_in/down_in existed still load; the methods that need
+the missing arrays then ask for a recalibration.
 
 Metadata (strings) says which model it belongs to and how it was made.
 """
@@ -17,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,7 +39,34 @@ from .errors import ChessError
 
 FORMAT = "chess_mlx.thresholds/1"
 ARRAYS = ("sparsities", "up_stat", "chess", "cats", "q_proj", "o_proj")
+OPTIONAL = ("mlp_in", "down_in", "allocation_speedups", "allocation_predicted", "allocations")
 GATE_KEY = {"cats": "cats", "chess": "chess", "chess+": "chess"}
+# What an allocation sets per layer: the attention input (q/k/v), the o_proj
+# input, the MLP input (gate/up), CHESS's per-channel gate mask, the down_proj input.
+ALLOCATED = ("attn_in", "o_in", "mlp_in", "gate", "down_in")
+
+
+@dataclass
+class LayerThresholds:
+    """What one layer thresholds; None leaves that input dense.
+
+    ``up_from_mask``: up_proj computes only the rows the gate mask keeps, on
+    its dense input (output-sparse); otherwise it reads the thresholded MLP
+    input (input-sparse). A GEMV can skip rows or columns of a weight, not
+    both, so the sparser of the two serves it.
+    """
+
+    gate: Optional[mx.array] = None
+    q_in: Optional[mx.array] = None
+    kv_in: Optional[mx.array] = None
+    o_in: Optional[mx.array] = None
+    mlp_in: Optional[mx.array] = None
+    down_in: Optional[mx.array] = None
+    up_from_mask: bool = True
+
+    @property
+    def mlp(self) -> bool:
+        return any(t is not None for t in (self.gate, self.mlp_in, self.down_in))
 
 
 def linear_dims(module: nn.Module) -> tuple:
@@ -71,9 +110,16 @@ class Thresholds:
     q_proj: np.ndarray
     o_proj: np.ndarray
     metadata: Dict[str, str] = field(default_factory=dict)
+    mlp_in: Optional[np.ndarray] = None
+    down_in: Optional[np.ndarray] = None
+    allocation_speedups: Optional[np.ndarray] = None
+    allocation_predicted: Optional[np.ndarray] = None
+    allocations: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        for name in ARRAYS:
+        for name in ARRAYS + OPTIONAL:
+            if getattr(self, name) is None:
+                continue
             values = np.asarray(getattr(self, name), dtype=np.float32)
             if not np.all(np.isfinite(values)):
                 raise ChessError(f"thresholds '{name}' contain NaN or inf")
@@ -122,10 +168,73 @@ class Thresholds:
             "o_proj": [mx.array(o[s : s + 1]) for o in self.o_proj],
         }
 
+    def layer_thresholds(self, method: str, setting: float) -> List[LayerThresholds]:
+        """What each layer thresholds for ``method``: ``setting`` is the target
+        sparsity, or for ``alloc`` the target ideal speed-up of a searched
+        allocation."""
+        if method == "alloc":
+            rows = self.allocation(setting)
+            return [self.layer_plan(i, dict(zip(ALLOCATED, row))) for i, row in enumerate(rows)]
+        if method == "teal":
+            self.require("mlp_in", "down_in")
+            levels = {"attn_in": setting, "o_in": setting, "mlp_in": setting, "down_in": setting}
+            return [self.layer_plan(i, levels) for i in range(self.num_layers)]
+        taus = self.select(method, setting)
+        plans = []
+        for i in range(self.num_layers):
+            plan = LayerThresholds(gate=taus["gate"][i])
+            if method == "chess+":
+                plan.q_in, plan.o_in = taus["q_proj"][i], taus["o_proj"][i]
+            plans.append(plan)
+        return plans
+
+    @property
+    def num_layers(self) -> int:
+        return self.up_stat.shape[0]
+
+    def require(self, *names: str):
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ChessError(
+                f"this thresholds file has no {', '.join(missing)} (made by an older chess_mlx "
+                "or without --speedup): recalibrate with `python -m chess_mlx.calibrate`"
+            )
+
+    def allocation(self, speedup: float) -> np.ndarray:
+        """The searched per-layer sparsities ``[L, len(ALLOCATED)]`` for a target speed-up."""
+        self.require("mlp_in", "down_in", "allocations")
+        matches = np.flatnonzero(np.isclose(self.allocation_speedups, speedup, atol=1e-6))
+        if len(matches) == 0:
+            available = ", ".join(f"{a:g}" for a in self.allocation_speedups)
+            raise ChessError(f"no allocation was searched for speed-up {speedup:g} (available: {available})")
+        return self.allocations[int(matches[0])]
+
+    def layer_plan(self, layer: int, levels: Dict[str, float]) -> LayerThresholds:
+        """A layer's thresholds from the sparsity of each ALLOCATED component
+        (0 or missing leaves that input dense)."""
+        chosen = {name: float(levels.get(name, 0.0)) for name in ALLOCATED}
+
+        def tau(array, name):
+            if chosen[name] == 0:
+                return None
+            s = self.sparsity_index(chosen[name])
+            return mx.array(np.atleast_1d(array[layer][s]))
+
+        attn_in = tau(self.q_proj, "attn_in")
+        return LayerThresholds(
+            gate=tau(self.chess, "gate"),
+            q_in=attn_in,
+            kv_in=attn_in,
+            o_in=tau(self.o_proj, "o_in"),
+            mlp_in=tau(self.mlp_in, "mlp_in"),
+            down_in=tau(self.down_in, "down_in"),
+            up_from_mask=chosen["gate"] > 0 and chosen["gate"] >= chosen["mlp_in"],
+        )
+
     def save(self, path: str):
         """Write atomically: a failed save never leaves a partial file."""
         path = check_destination(path)
-        arrays = {name: mx.array(getattr(self, name)) for name in ARRAYS}
+        arrays = {name: mx.array(getattr(self, name)) for name in ARRAYS + OPTIONAL if getattr(self, name) is not None}
         metadata = {"format": FORMAT, **self.metadata}
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
         os.close(fd)
@@ -157,7 +266,7 @@ def load_thresholds(path: str) -> Thresholds:
         raise ChessError(f"'{path}' is not a readable safetensors file ({e})") from None
     if metadata.get("format") != FORMAT or set(ARRAYS) - set(arrays):
         raise ChessError(f"'{path}' is not a chess_mlx thresholds file")
-    values = {name: np.array(arrays[name]) for name in ARRAYS}
+    values = {name: np.array(arrays[name]) for name in ARRAYS + OPTIONAL if name in arrays}
     try:
         return Thresholds(**values, metadata=metadata)
     except ChessError as e:

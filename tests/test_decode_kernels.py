@@ -44,7 +44,7 @@ def float_llama():
     return model, thresholds
 
 
-@pytest.mark.parametrize("method", ["cats", "chess", "chess+"])
+@pytest.mark.parametrize("method", ["cats", "chess", "chess+", "teal"])
 def test_emulated_decode_step_matches_reference(float_llama, method):
     model, thresholds = float_llama
     prompt, token = random_windows(1, 9, seed=7)[0], 5

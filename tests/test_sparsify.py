@@ -124,7 +124,7 @@ def test_bad_sparsity_is_one_clear_error(calibrated, sparsity):
 def test_unknown_method_and_model_type(calibrated):
     model, thresholds = calibrated
     with pytest.raises(ChessError, match="unknown method"):
-        sparsify(model, thresholds, "teal", 0.5)
+        sparsify(model, thresholds, "bogus", 0.5)
     model.model_type = "mamba"
     with pytest.raises(ChessError, match="unsupported model type 'mamba'"):
         sparsify(model, thresholds, "chess", 0.5)

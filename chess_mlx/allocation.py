@@ -1,0 +1,312 @@
+"""Search per-layer, per-projection sparsities for a target ideal speed-up.
+
+Every layer has five thresholded inputs (ALLOCATED): the attention input
+(q/k/v), the o_proj input, the MLP input (gate/up), CHESS's per-channel gate
+mask (up rows and down columns) and the down_proj input. Their thresholds
+come from calibration at a grid of sparsities; the search picks one level of
+each per layer:
+
+1. Within each block (attention or MLP of one layer), TEAL's greedy search on
+   calibration activations: starting dense, repeatedly raise the one
+   component whose next level adds the least output error per weight byte
+   saved, recording the path.
+2. Across blocks, spend the byte budget of the target speed-up where it costs
+   least: each block's path (its lower convex hull) is a list of moves of
+   increasing error per byte; take the cheapest moves over all blocks until
+   the skipped bytes reach the budget.
+
+A block's error is the squared change of what it adds to the residual stream
+over the squared norm of the residual stream entering it, so blocks of every
+depth are comparable. Activations entering each block are the dense model's.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .errors import ChessError
+from .sparsify import ACTIVATIONS, SparseMLP, InputSparseLinear, model_layers, unsparsify
+from .thresholds import ALLOCATED, LayerThresholds, Thresholds, linear_dims
+
+ATTENTION_PARTS = ("attn_in", "o_in")
+MLP_PARTS = ("mlp_in", "gate", "down_in")
+
+
+def projection_params(layer: nn.Module) -> Dict[str, int]:
+    """Weights of each projection of one layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    modules = {p: getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    modules.update({p: getattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")})
+    return {p: int(np.prod(linear_dims(m))) for p, m in modules.items()}
+
+
+def model_params(model: nn.Module) -> Tuple[List[Dict[str, int]], int]:
+    """Per-layer projection weights and the LM head's (read at every step)."""
+    layers = model_layers(model)
+    body = getattr(model, "model", model)
+    head = model.lm_head if "lm_head" in model else body.embed_tokens
+    vocab, hidden = head.weight.shape[0], linear_dims(layers[0].mlp.gate_proj)[0]
+    return [projection_params(layer) for layer in layers], vocab * hidden
+
+
+def projection_sparsity(levels: Dict[str, float]) -> Dict[str, float]:
+    """The fraction of each projection's weights a layer's allocation skips.
+
+    up_proj is served by the sparser of the gate mask (its rows) and the MLP
+    input threshold (its columns); down_proj's input is zero wherever the
+    gate mask dropped a channel, so it skips at least that fraction.
+    """
+    gate, mlp_in = levels.get("gate", 0.0), levels.get("mlp_in", 0.0)
+    attn = levels.get("attn_in", 0.0)
+    return {
+        "q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": levels.get("o_in", 0.0),
+        "gate_proj": mlp_in, "up_proj": max(gate, mlp_in), "down_proj": max(gate, levels.get("down_in", 0.0)),
+    }
+
+
+def skipped_params(params: Dict[str, int], levels: Dict[str, float]) -> float:
+    sparsity = projection_sparsity(levels)
+    return sum(params[p] * s for p, s in sparsity.items())
+
+
+def speedup_for(skipped: float, total: float) -> float:
+    return total / (total - skipped)
+
+
+def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int) -> float:
+    """The ideal speed-up of an allocation ``[L, len(ALLOCATED)]``."""
+    total = sum(sum(p.values()) for p in layer_params) + head
+    skipped = sum(skipped_params(p, dict(zip(ALLOCATED, row))) for p, row in zip(layer_params, allocation))
+    return speedup_for(skipped, total)
+
+
+@dataclass
+class BlockRecord:
+    """A block's calibration inputs and dense outputs, one entry per window."""
+
+    inputs: List[mx.array] = field(default_factory=list)
+    masks: List[object] = field(default_factory=list)
+    outputs: List[mx.array] = field(default_factory=list)
+    residual_sq: float = 0.0
+
+
+class Recorder(nn.Module):
+    def __init__(self, module: nn.Module, record: BlockRecord):
+        super().__init__()
+        self.module = module
+        self._record = record
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.module(x, *args, **kwargs)
+        mx.eval(x, y)
+        self._record.inputs.append(x)
+        self._record.masks.append(kwargs.get("mask", args[0] if args else None))
+        self._record.outputs.append(y)
+        return y
+
+
+class NormRecorder(nn.Module):
+    """Sums the squared norm of the residual stream entering a block."""
+
+    def __init__(self, norm: nn.Module, record: BlockRecord):
+        super().__init__()
+        self.norm = norm
+        self._record = record
+
+    def __call__(self, h):
+        self._record.residual_sq += mx.sum(mx.square(h.astype(mx.float32))).item()
+        return self.norm(h)
+
+
+def mlp_norm_name(layer: nn.Module) -> str:
+    """The norm in front of the MLP: Gemma 2/3 have post-norms as well."""
+    return "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+
+
+def contribution(layer: nn.Module, kind: str, y: mx.array) -> mx.array:
+    """What a block's output adds to the residual stream."""
+    if not hasattr(layer, "post_feedforward_layernorm"):
+        return y
+    norm = layer.post_attention_layernorm if kind == "attn" else layer.post_feedforward_layernorm
+    return norm(y)
+
+
+def record_blocks(model: nn.Module, windows: Sequence[Sequence[int]], progress: bool) -> List[Dict[str, BlockRecord]]:
+    """Run the dense model on ``windows``, keeping each block's inputs and outputs."""
+    layers = model_layers(model)
+    records = [{"attn": BlockRecord(), "mlp": BlockRecord()} for _ in layers]
+    for layer, record in zip(layers, records):
+        layer.self_attn = Recorder(layer.self_attn, record["attn"])
+        layer.mlp = Recorder(layer.mlp, record["mlp"])
+        layer.input_layernorm = NormRecorder(layer.input_layernorm, record["attn"])
+        name = mlp_norm_name(layer)
+        setattr(layer, name, NormRecorder(getattr(layer, name), record["mlp"]))
+    body = getattr(model, "model", model)
+    try:
+        for window in tqdm(windows, desc="allocation: recording blocks", unit="win", disable=not progress):
+            body(mx.array(window)[None])
+    finally:
+        for layer in layers:
+            layer.self_attn, layer.mlp = layer.self_attn.module, layer.mlp.module
+            layer.input_layernorm = layer.input_layernorm.norm
+            name = mlp_norm_name(layer)
+            setattr(layer, name, getattr(layer, name).norm)
+    return records
+
+
+class BlockProbe:
+    """Evaluates one block's output error at given component levels."""
+
+    def __init__(self, model: nn.Module, layer_index: int, kind: str, record: BlockRecord, thresholds: Thresholds):
+        self.layer = model.layers[layer_index]
+        self.index = layer_index
+        self.kind = kind
+        self.record = record
+        self.thresholds = thresholds
+        self.activation = ACTIVATIONS[model.model_type]
+        self.dense_contribution = [contribution(self.layer, kind, y) for y in record.outputs]
+
+    def error(self, levels: Dict[str, float]) -> float:
+        plan = self.thresholds.layer_plan(self.index, levels)
+        squared = 0.0
+        for x, mask, reference in zip(self.record.inputs, self.record.masks, self.dense_contribution):
+            y = self.run(plan, x, mask)
+            squared += mx.sum(mx.square((contribution(self.layer, self.kind, y) - reference).astype(mx.float32))).item()
+        return squared / self.record.residual_sq
+
+    def run(self, plan: LayerThresholds, x: mx.array, mask) -> mx.array:
+        if self.kind == "mlp":
+            return SparseMLP(self.layer.mlp, self.activation, plan, "probe")(x) if plan.mlp else self.layer.mlp(x)
+        attn = self.layer.self_attn
+        saved = {p: getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        inputs = {"q_proj": plan.q_in, "k_proj": plan.kv_in, "v_proj": plan.kv_in, "o_proj": plan.o_in}
+        try:
+            for proj, tau in inputs.items():
+                if tau is not None:
+                    setattr(attn, proj, InputSparseLinear(saved[proj], tau, "probe"))
+            return attn(x, mask=mask)
+        finally:
+            for proj, module in saved.items():
+                setattr(attn, proj, module)
+
+
+def greedy_path(
+    probe_error: Callable[[Dict[str, float]], float],
+    parts: Sequence[str],
+    grid: Sequence[float],
+    skipped: Callable[[Dict[str, float]], float],
+) -> List[Tuple[float, float, Dict[str, float]]]:
+    """TEAL's greedy: from all-dense, raise the part whose next level costs the
+    least error per skipped weight; returns (skipped, error, levels) per step."""
+    steps = {p: 0 for p in parts}
+    levels = {p: 0.0 for p in parts}
+    path = [(0.0, 0.0, dict(levels))]
+    while True:
+        best = None
+        for part in parts:
+            # A level that saves nothing (down_in under the gate mask's) is skipped over.
+            step = steps[part] + 1
+            while step < len(grid) and skipped(dict(levels, **{part: grid[step]})) <= path[-1][0]:
+                step += 1
+            if step >= len(grid):
+                continue
+            trial = dict(levels, **{part: grid[step]})
+            err = probe_error(trial)
+            cost = max(err - path[-1][1], 0.0) / (skipped(trial) - path[-1][0])
+            if best is None or cost < best[0]:
+                best = (cost, part, step, trial, err)
+        if best is None:
+            return path
+        _, part, steps[part], levels, err = best
+        path.append((skipped(levels), err, dict(levels)))
+
+
+def lower_hull(path: Sequence[Tuple[float, float, dict]]) -> List[Tuple[float, float, dict]]:
+    """The points of ``path`` on its lower convex hull (error against skipped
+    weights), so that successive moves cost ever more error per weight."""
+    hull: List[Tuple[float, float, dict]] = []
+    for point in sorted(path, key=lambda p: (p[0], p[1])):
+        if hull and point[0] == hull[-1][0]:
+            continue
+        while len(hull) >= 2 and cross(hull[-2], hull[-1], point) <= 0:
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
+def cross(a, b, c) -> float:
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+
+def allocate_budget(hulls: Sequence[List[Tuple[float, float, dict]]], budget: float) -> List[int]:
+    """Index into each block's hull after taking the cheapest moves (error per
+    weight) over all blocks until ``budget`` weights are skipped."""
+    position = [0] * len(hulls)
+    skipped = 0.0
+    while skipped < budget:
+        best = None
+        for b, hull in enumerate(hulls):
+            if position[b] + 1 < len(hull):
+                here, there = hull[position[b]], hull[position[b] + 1]
+                cost = (there[1] - here[1]) / (there[0] - here[0])
+                if best is None or cost < best[0]:
+                    best = (cost, b)
+        if best is None:
+            break
+        b = best[1]
+        skipped += hulls[b][position[b] + 1][0] - hulls[b][position[b]][0]
+        position[b] += 1
+    return position
+
+
+def search_allocations(
+    model: nn.Module,
+    thresholds: Thresholds,
+    windows: Sequence[Sequence[int]],
+    speedups: Sequence[float],
+    progress: bool = True,
+) -> Thresholds:
+    """``thresholds`` with the allocations for each target ideal speed-up added.
+
+    ``thresholds`` must hold every component's thresholds (a calibration
+    from this version); its sparsities are the levels the search may pick.
+    """
+    thresholds.require("mlp_in", "down_in")
+    for s in speedups:
+        if s <= 1:
+            raise ChessError(f"target speed-ups must be above 1, got {s:g}")
+    unsparsify(model)
+    layer_params, head = model_params(model)
+    total = sum(sum(p.values()) for p in layer_params) + head
+    grid = [0.0] + [float(s) for s in thresholds.sparsities]
+    records = record_blocks(model, windows, progress)
+    hulls, owners = [], []
+    blocks = [(i, kind) for i in range(len(layer_params)) for kind in ("attn", "mlp")]
+    for i, kind in tqdm(blocks, desc="allocation: greedy search", unit="block", disable=not progress):
+        probe = BlockProbe(model, i, kind, records[i][kind], thresholds)
+        parts = ATTENTION_PARTS if kind == "attn" else MLP_PARTS
+        path = greedy_path(probe.error, parts, grid, lambda levels: skipped_params(layer_params[i], levels))
+        hulls.append(lower_hull(path))
+        owners.append(i)
+        records[i][kind] = None  # free the activations as we go
+    allocations, predicted = [], []
+    for target in speedups:
+        budget = total * (1 - 1 / target)
+        position = allocate_budget(hulls, budget)
+        allocation = np.zeros((len(layer_params), len(ALLOCATED)), dtype=np.float32)
+        for hull, i, pos in zip(hulls, owners, position):
+            for part, level in hull[pos][2].items():
+                allocation[i, ALLOCATED.index(part)] = level
+        allocations.append(allocation)
+        predicted.append(allocation_speedup(allocation, layer_params, head))
+    thresholds.allocation_speedups = np.array(speedups, dtype=np.float32)
+    thresholds.allocation_predicted = np.array(predicted, dtype=np.float32)
+    thresholds.allocations = np.stack(allocations)
+    thresholds.metadata["allocation"] = (
+        f"greedy block-wise (TEAL) then global by error per weight; {sum(len(w) for w in windows)} tokens"
+    )
+    return thresholds
