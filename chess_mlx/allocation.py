@@ -21,7 +21,7 @@ depth are comparable. Activations entering each block are the dense model's.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,59 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import ChessError
-from .sparsify import ACTIVATIONS, SparseMLP, InputSparseLinear, model_layers, unsparsify
-from .thresholds import ALLOCATED, LayerThresholds, Thresholds, linear_dims
+from .sparsify import ACTIVATIONS, InputSparseLinear, SparseMLP, model_layers, unsparsify
+from .costs import allocation_speedup, model_params, skipped_params
+from .thresholds import ALLOCATED, LayerThresholds, Thresholds
 
 ATTENTION_PARTS = ("attn_in", "o_in")
 MLP_PARTS = ("mlp_in", "gate", "down_in")
-
-
-def projection_params(layer: nn.Module) -> Dict[str, int]:
-    """Weights of each projection of one layer."""
-    attn, mlp = layer.self_attn, layer.mlp
-    modules = {p: getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    modules.update({p: getattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")})
-    return {p: int(np.prod(linear_dims(m))) for p, m in modules.items()}
-
-
-def model_params(model: nn.Module) -> Tuple[List[Dict[str, int]], int]:
-    """Per-layer projection weights and the LM head's (read at every step)."""
-    layers = model_layers(model)
-    body = getattr(model, "model", model)
-    head = model.lm_head if "lm_head" in model else body.embed_tokens
-    vocab, hidden = head.weight.shape[0], linear_dims(layers[0].mlp.gate_proj)[0]
-    return [projection_params(layer) for layer in layers], vocab * hidden
-
-
-def projection_sparsity(levels: Dict[str, float]) -> Dict[str, float]:
-    """The fraction of each projection's weights a layer's allocation skips.
-
-    up_proj is served by the sparser of the gate mask (its rows) and the MLP
-    input threshold (its columns); down_proj's input is zero wherever the
-    gate mask dropped a channel, so it skips at least that fraction.
-    """
-    gate, mlp_in = levels.get("gate", 0.0), levels.get("mlp_in", 0.0)
-    attn = levels.get("attn_in", 0.0)
-    return {
-        "q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": levels.get("o_in", 0.0),
-        "gate_proj": mlp_in, "up_proj": max(gate, mlp_in), "down_proj": max(gate, levels.get("down_in", 0.0)),
-    }
-
-
-def skipped_params(params: Dict[str, int], levels: Dict[str, float]) -> float:
-    sparsity = projection_sparsity(levels)
-    return sum(params[p] * s for p, s in sparsity.items())
-
-
-def speedup_for(skipped: float, total: float) -> float:
-    return total / (total - skipped)
-
-
-def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int) -> float:
-    """The ideal speed-up of an allocation ``[L, len(ALLOCATED)]``."""
-    total = sum(sum(p.values()) for p in layer_params) + head
-    skipped = sum(skipped_params(p, dict(zip(ALLOCATED, row))) for p, row in zip(layer_params, allocation))
-    return speedup_for(skipped, total)
 
 
 @dataclass

@@ -15,7 +15,6 @@ does not grow with the number of tokens.
 import argparse
 import datetime
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -25,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .allocation import search_allocations
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
@@ -206,6 +206,29 @@ def parse_sparsities(text: str) -> List[float]:
     return sorted(set(values))
 
 
+def first_tokens(windows: Sequence[Sequence[int]], count: int) -> List[List[int]]:
+    """The windows cut to their first ``count`` tokens in all."""
+    result, left = [], count
+    for window in windows:
+        if left <= 0:
+            break
+        result.append(list(window[:left]))
+        left -= len(result[-1])
+    return result
+
+
+def parse_speedups(text: str) -> List[float]:
+    """Comma-separated target ideal speed-ups, each above 1."""
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ChessError(f"--speedup expects comma-separated numbers, got '{text}'") from None
+    for s in values:
+        if not s > 1:
+            raise ChessError(f"target speed-ups must be above 1, got {s:g}")
+    return sorted(set(values))
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Calibrate CHESS thresholds for an MLX model.")
     add_model_args(parser)
@@ -213,11 +236,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Text files (WikiText or blank-line separated), JSONL files with a 'text' field, or 'c4'")
     parser.add_argument("--documents", default=None,
                         help="Use a slice of the documents, e.g. ':30' for the first 30")
-    parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
+    parser.add_argument("--sparsity", default=",".join(f"{i / 10:g}" for i in range(1, 10)),
+                        help="Comma-separated target sparsities (also the levels the allocation search picks from)")
     parser.add_argument("--tokens", type=int, default=65536, help="Calibration tokens")
     parser.add_argument("--window", type=int, default=2048, help="Tokens per window (windows never cross documents)")
     parser.add_argument("--statistic", choices=STATISTICS, default="mean_abs",
                         help="Per-channel statistic of |a_up|: E|a_up| (paper, 2025 code) or sqrt(E[a_up^2]) (2024 code)")
+    parser.add_argument("--speedup", default="1.25,1.35,1.5",
+                        help="Target ideal speed-ups to search per-layer allocations for (method alloc)")
+    parser.add_argument("--allocation-tokens", type=int, default=2048,
+                        help="Tokens (the first of the calibration windows) for the allocation search; 0 skips it")
     parser.add_argument("--out", required=True, help="Output thresholds file (.safetensors)")
     return parser
 
@@ -228,14 +256,19 @@ def main(argv=None):
         reexec_with_openblas()
     with cli_errors("chess_mlx.calibrate"):
         sparsities = parse_sparsities(args.sparsity)
+        speedups = parse_speedups(args.speedup) if args.allocation_tokens else []
         if args.tokens <= 0:
             raise ChessError(f"--tokens must be positive, got {args.tokens}")
+        if args.allocation_tokens < 0:
+            raise ChessError(f"--allocation-tokens must be 0 or more, got {args.allocation_tokens}")
         check_destination(args.out)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
         model_layers(model)  # an unsupported architecture fails here, before tokenizing the data
         windows = token_windows(documents, tokenizer, args.window, args.tokens)
         thresholds = calibrate(model, windows, sparsities, args.statistic)
+        if speedups:
+            thresholds = search_allocations(model, thresholds, first_tokens(windows, args.allocation_tokens), speedups)
         thresholds.metadata.update(
             model=name,
             data=" ".join(Path(d).name for d in args.data)
@@ -245,6 +278,8 @@ def main(argv=None):
         thresholds.save(args.out)
         print(f"Wrote thresholds for {len(model.layers)} layers at sparsities "
               f"{', '.join(f'{s:g}' for s in sparsities)} ({args.tokens} tokens) to {args.out}")
+        for target, predicted in zip(speedups, thresholds.allocation_predicted if speedups else []):
+            print(f"  allocation for {target:g}x: ideal speed-up {predicted:.3f}x")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ bytes gives at best 1 / (1 - sum_p s_p * bytes_p / all bytes).
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .thresholds import Thresholds
 
 # Which projections' weight bytes each method skips (the dropped fraction of
 # the gate channels applies to both up_proj rows and down_proj columns).
@@ -15,6 +22,7 @@ SKIPPED = {
     "cats": ("up_proj", "down_proj"),
     "chess": ("up_proj", "down_proj"),
     "chess+": ("up_proj", "down_proj", "q_proj", "o_proj"),
+    "teal": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,3 +83,89 @@ def skipped_speedup(shapes: Shapes, sparsity: Dict[str, float], head_ratio: floa
     """The ideal speed-up for ``sparsity[p]`` of each projection p's bytes skipped."""
     dense = sum(decode_bytes(shapes, 1.0, None, head_ratio).values())
     return dense / sum(decode_bytes(shapes, 1.0, sparsity, head_ratio).values())
+
+
+def projection_params(layer: "nn.Module") -> Dict[str, int]:
+    """Weights of each projection of one layer."""
+    from .thresholds import linear_dims
+
+    attn, mlp = layer.self_attn, layer.mlp
+    modules = {p: getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    modules.update({p: getattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")})
+    return {p: int(np.prod(linear_dims(m))) for p, m in modules.items()}
+
+
+def model_params(model: "nn.Module") -> Tuple[List[Dict[str, int]], int]:
+    """Per-layer projection weights and the LM head's (read at every step)."""
+    from .sparsify import model_layers
+    from .thresholds import linear_dims
+
+    layers = model_layers(model)
+    body = getattr(model, "model", model)
+    head = model.lm_head if "lm_head" in model else body.embed_tokens
+    vocab, hidden = head.weight.shape[0], linear_dims(layers[0].mlp.gate_proj)[0]
+    return [projection_params(layer) for layer in layers], vocab * hidden
+
+
+def projection_sparsity(levels: Dict[str, float]) -> Dict[str, float]:
+    """The fraction of each projection's weights a layer's allocation skips.
+
+    up_proj is served by the sparser of the gate mask (its rows) and the MLP
+    input threshold (its columns); down_proj's input is zero wherever the
+    gate mask dropped a channel, so it skips at least that fraction.
+    """
+    gate, mlp_in = levels.get("gate", 0.0), levels.get("mlp_in", 0.0)
+    attn = levels.get("attn_in", 0.0)
+    return {
+        "q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": levels.get("o_in", 0.0),
+        "gate_proj": mlp_in, "up_proj": max(gate, mlp_in), "down_proj": max(gate, levels.get("down_in", 0.0)),
+    }
+
+
+def skipped_params(params: Dict[str, int], levels: Dict[str, float]) -> float:
+    sparsity = projection_sparsity(levels)
+    return sum(params[p] * s for p, s in sparsity.items())
+
+
+def speedup_for(skipped: float, total: float) -> float:
+    return total / (total - skipped)
+
+
+def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int) -> float:
+    """The ideal speed-up of an allocation ``[L, len(ALLOCATED)]``."""
+    from .thresholds import ALLOCATED
+
+    levels = [projection_sparsity(dict(zip(ALLOCATED, row))) for row in allocation]
+    return layers_speedup(layer_params, head, levels)
+
+
+def layers_speedup(layer_params: Sequence[Dict[str, int]], head: int, sparsity: Sequence[Dict[str, float]]) -> float:
+    """The ideal speed-up when layer i skips ``sparsity[i][p]`` of projection p."""
+    total = sum(sum(p.values()) for p in layer_params) + head
+    skipped = sum(params[p] * s.get(p, 0.0) for params, s in zip(layer_params, sparsity) for p in params)
+    return speedup_for(skipped, total)
+
+
+def planned_sparsity(thresholds: "Thresholds", method: str, setting: float, num_layers: int) -> List[Dict[str, float]]:
+    """The fraction of each projection's weights ``method`` targets to skip, per layer."""
+    if method == "alloc":
+        from .thresholds import ALLOCATED
+
+        return [projection_sparsity(dict(zip(ALLOCATED, row))) for row in thresholds.allocation(setting)]
+    return [method_sparsity(method, setting) for _ in range(num_layers)]
+
+
+def realized_sparsity(dropped: Dict[str, float], num_layers: int) -> List[Dict[str, float]]:
+    """Per-layer projection sparsity from a tracker's 'layers.N.kind' fractions."""
+    result = []
+    for i in range(num_layers):
+        levels = {kind: dropped.get(f"layers.{i}.{proj}", 0.0) for kind, proj in REALIZED.items()}
+        sparsity = projection_sparsity(levels)
+        # chess+ thresholds q alone: each attention projection counts its own input.
+        sparsity.update({p: dropped.get(f"layers.{i}.{p}", 0.0) for p in ("q_proj", "k_proj", "v_proj")})
+        result.append(sparsity)
+    return result
+
+
+# The tracker's names for ALLOCATED components.
+REALIZED = {"o_in": "o_proj", "mlp_in": "mlp_in", "gate": "gate", "down_in": "down_in"}

@@ -26,11 +26,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .blas import reexec_with_openblas
-from .calibrate import parse_sparsities
+from .calibrate import parse_speedups, parse_sparsities
+from .costs import layers_speedup, model_params, planned_sparsity, realized_sparsity
 from .data import load_documents
 from .errors import ChessError
 from .perplexity import eval_ppl, ppl_windows
-from .sparsify import METHODS, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
+from .sparsify import (METHODS, configurations, format_sparsity, parse_methods, sparsify, target_label,
+                       track_sparsity, unsparsify)
 from .thresholds import check_destination
 from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
@@ -189,10 +191,6 @@ def eval_task(model: nn.Module, tokenizer, task: Task, batch_size: int = 8, prog
     return task_metrics(task.examples, logliks)
 
 
-def configurations(methods: Sequence[str], sparsities: Sequence[float]) -> List[Tuple[str, float]]:
-    return [(m, s) for m in methods for s in ([0.0] if m == "dense" else sparsities)]
-
-
 def evaluate(
     model: nn.Module,
     tokenizer,
@@ -204,22 +202,31 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     on_row: Optional[Callable[[dict], None]] = None,
+    speedups: Sequence[float] = (),
 ) -> List[dict]:
-    """One result row per (method, sparsity): perplexity over ``windows``
+    """One result row per (method, setting): perplexity over ``windows``
     (from chess_mlx.perplexity.ppl_windows), each task's metrics, the mean
-    acc_norm and the realized sparsity per projection kind (over the
-    perplexity text when there is one: task batches count their padding)."""
+    acc_norm, the realized sparsity per projection kind (over the
+    perplexity text when there is one: task batches count their padding) and
+    the ideal speed-up, targeted and realized. ``alloc`` runs at each of
+    ``speedups``, the other methods at each of ``sparsities``."""
     rows = []
-    for method, sparsity in configurations(methods, sparsities):
+    layer_params, head = model_params(unsparsify(model))
+    for method, setting in configurations(methods, sparsities, speedups):
         if method == "dense":
             unsparsify(model)
         else:
-            sparsify(model, thresholds, method, sparsity)
-        row = {"method": method, "sparsity": sparsity}
+            sparsify(model, thresholds, method, setting)
+        row = {"method": method, "target": target_label(method, setting),
+               "sparsity": None if method == "alloc" else setting}
+        planned = planned_sparsity(thresholds, method, setting, len(layer_params)) if method != "dense" else []
+        row["ideal_speedup"] = layers_speedup(layer_params, head, planned)
+        per_layer = None
         if windows is not None:
             with track_sparsity(model) as tracker:
                 row["perplexity"] = eval_ppl(model, windows[0], progress, scored=windows[1])
             row["realized_sparsity"] = tracker.summary()
+            per_layer = tracker.sparsity()
         with track_sparsity(model) as tracker:
             row["tasks"] = {t.name: eval_task(model, tokenizer, t, batch_size, progress) for t in tasks}
         if tasks:
@@ -227,6 +234,9 @@ def evaluate(
             # Batched choices are padded, and padding positions are counted here.
             row["realized_sparsity_tasks"] = tracker.summary()
             row.setdefault("realized_sparsity", row["realized_sparsity_tasks"])
+            per_layer = per_layer if per_layer is not None else tracker.sparsity()
+        realized = realized_sparsity(per_layer or {}, len(layer_params))
+        row["ideal_speedup_realized"] = layers_speedup(layer_params, head, realized)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -235,7 +245,7 @@ def evaluate(
 
 
 def table_cells(row: dict, task_names: Sequence[str]) -> List[str]:
-    cells = [row["method"], f"{row['sparsity']:.2f}"]
+    cells = [row["method"], row["target"], f"{row['ideal_speedup']:.2f}x", f"{row['ideal_speedup_realized']:.2f}x"]
     if "perplexity" in row:
         cells.append(f"{row['perplexity']['ppl']:.3f}")
     for name in task_names:
@@ -248,7 +258,7 @@ def table_cells(row: dict, task_names: Sequence[str]) -> List[str]:
 
 
 def table_header(has_ppl: bool, task_names: Sequence[str]) -> List[str]:
-    header = ["method", "sparsity"] + (["ppl"] if has_ppl else []) + list(task_names)
+    header = ["method", "target", "ideal", "realized ideal"] + (["ppl"] if has_ppl else []) + list(task_names)
     return header + (["mean"] if task_names else []) + ["realized sparsity"]
 
 
@@ -258,7 +268,8 @@ def text_line(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 
 def markdown_table(rows: Sequence[dict], task_names: Sequence[str]) -> str:
-    """Rows method x sparsity; tasks show acc_norm in percent ± standard error."""
+    """Rows method x target; tasks show acc_norm in percent ± standard error;
+    ideal speed-ups for the targeted and for the realized sparsity."""
     header = table_header("perplexity" in rows[0], task_names)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(table_cells(row, task_names)) + " |" for row in rows]
@@ -283,7 +294,7 @@ def at_equal_sparsity(rows: Sequence[dict], reference: str = "cats") -> List[dic
     rows, interpolated between its own rows (log-perplexity and mean acc_norm
     linearly in realized sparsity): targets are hit only on average, so
     methods are also compared where they really drop the same share."""
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m in ("cats", "chess", "chess+")]
     own = {m: [r for r in rows if r["method"] == m] for m in methods}
     metrics = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
                "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
@@ -326,8 +337,55 @@ def equal_sparsity_markdown(table: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def at_equal_speedup(rows: Sequence[dict], speedups: Sequence[float]) -> List[dict]:
+    """Every method's perplexity and mean acc_norm at each ideal speed-up
+    (realized), interpolated between its own rows and dense (1x): methods are
+    judged by the quality they keep for the speed they buy."""
+    dense = [r for r in rows if r["method"] == "dense"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    metrics = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
+               "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
+    table = []
+    for speedup in speedups:
+        entry = {"ideal_speedup": speedup}
+        for method in methods:
+            values = {}
+            for name, value in metrics.items():
+                own = dense + [r for r in rows if r["method"] == method]
+                points = [(r["ideal_speedup_realized"], value(r)) for r in own if value(r) is not None]
+                y = interpolate(points, speedup)
+                if y is not None:
+                    values[name] = math.exp(y) if name == "ppl" else y
+            entry[method] = values
+        table.append(entry)
+    return table
+
+
+EQUAL_SPEEDUP_TITLE = ("At equal ideal speed-up (for the realized sparsity; each method interpolated between "
+                       "dense and its own rows; perplexity, mean acc_norm in brackets, - where out of its range)")
+
+
+def equal_speedup_markdown(table: Sequence[dict]) -> str:
+    if not table:
+        return ""
+    methods = [k for k in table[0] if k != "ideal_speedup"]
+    lines = ["| ideal speed-up | " + " | ".join(methods) + " |",
+             "|" + "|".join(" --- " for _ in range(len(methods) + 1)) + "|"]
+    for entry in table:
+        cells = []
+        for method in methods:
+            v = entry[method]
+            cell = f"{v['ppl']:.2f}" if "ppl" in v else "-"
+            if "mean_acc_norm" in v:
+                cell += f" ({100 * v['mean_acc_norm']:.1f})"
+            cells.append(cell)
+        lines.append(f"| {entry['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_quality(rows: Sequence[dict], path: str):
-    """Perplexity and mean acc_norm against realized gate sparsity, a line per method."""
+    """The frontier: perplexity and mean acc_norm against the ideal decode
+    speed-up of the realized sparsity, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,15 +399,16 @@ def plot_quality(rows: Sequence[dict], path: str):
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, (label, value) in zip(axes[0], metrics):
         for method in dict.fromkeys(r["method"] for r in rows):
-            points = [(r["realized_sparsity"].get("gate", 0.0), value(r)) for r in rows if r["method"] == method]
+            points = [(r["ideal_speedup_realized"], value(r)) for r in rows if r["method"] == method]
             if method == "dense":
                 ax.axhline(points[0][1], color="gray", linestyle=":", label="dense")
             else:
                 ax.plot(*zip(*sorted(points)), marker="o", label=method)
-        ax.set_xlim(-0.02, max(0.8, ax.get_xlim()[1]))
-        ax.set_xlabel("realized FFN (gate) sparsity")
+        if label == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("ideal decode speed-up (realized sparsity)")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -363,6 +422,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default="dense,cats,chess,chess+",
                         help=f"Comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
+    parser.add_argument("--speedup", default="1.25,1.35,1.5",
+                        help="Comma-separated target ideal speed-ups of the searched allocations (method alloc)")
     parser.add_argument("--ppl", nargs="+", default=None, help="Text or JSONL files for perplexity")
     parser.add_argument("--documents", default=None, help="A slice of the --ppl documents, e.g. '30:'")
     parser.add_argument("--window", type=int, default=512, help="Tokens per perplexity window")
@@ -373,7 +434,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="Choices scored per forward pass")
     parser.add_argument("--output", default=None, help="Write the results as JSON")
     parser.add_argument("--markdown", default=None, help="Write the results table as Markdown")
-    parser.add_argument("--plot", default=None, help="Plot quality against realized sparsity (PNG)")
+    parser.add_argument("--plot", default=None, help="Plot quality against ideal speed-up, the frontier (PNG)")
     return parser
 
 
@@ -381,6 +442,7 @@ def check_args(args: argparse.Namespace):
     """Fail on bad flags before the model loads."""
     parse_methods(args.methods)
     parse_sparsities(args.sparsity)
+    parse_speedups(args.speedup)
     if not args.ppl and not args.tasks:
         raise ChessError("nothing to evaluate: pass --ppl FILES and/or --tasks FILES")
     for flag in ("limit", "tokens", "batch_size", "window", "stride"):
@@ -421,11 +483,22 @@ def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> Lis
         # an interruption keeps what was measured.
         write_outputs(args, done, task_names, name, thresholds)
 
-    rows = evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size, on_row=on_row)
+    rows = evaluate(model, tokenizer, thresholds, methods, sparsities, windows, tasks, args.batch_size,
+                    on_row=on_row, speedups=parse_speedups(args.speedup))
+    print(comparisons_markdown(rows, args), end="")
+    return rows
+
+
+def comparisons_markdown(rows: Sequence[dict], args: argparse.Namespace) -> str:
+    """The equal-sparsity (gate methods) and equal-speed-up tables, titled."""
+    text = ""
     equal = equal_sparsity_markdown(at_equal_sparsity(rows))
     if equal:
-        print(f"\n{EQUAL_SPARSITY_TITLE}:\n\n{equal}", end="")
-    return rows
+        text += f"\n{EQUAL_SPARSITY_TITLE}:\n\n{equal}"
+    speed = equal_speedup_markdown(at_equal_speedup(rows, parse_speedups(args.speedup)))
+    if len(rows) > 1 and speed:
+        text += f"\n{EQUAL_SPEEDUP_TITLE}:\n\n{speed}"
+    return text
 
 
 def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[str], name: str, thresholds):
@@ -440,13 +513,11 @@ def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[s
             "limit": args.limit,
             "rows": rows,
             "at_equal_realized_sparsity": equal,
+            "at_equal_ideal_speedup": at_equal_speedup(rows, parse_speedups(args.speedup)),
         }
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        text = markdown_table(rows, task_names)
-        if equal:
-            text += f"\n{EQUAL_SPARSITY_TITLE}:\n\n{equal_sparsity_markdown(equal)}"
-        Path(args.markdown).write_text(text)
+        Path(args.markdown).write_text(markdown_table(rows, task_names) + comparisons_markdown(rows, args))
     if args.plot:
         plot_quality(rows, args.plot)
 

@@ -35,6 +35,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Thresholds file from chess_mlx.calibrate (default: the ones shipped for the model)")
     parser.add_argument("--method", choices=METHODS, default="chess+", help="Sparsification method")
     parser.add_argument("--sparsity", type=float, default=0.5, help="Target sparsity (one of the calibrated ones)")
+    parser.add_argument("--speedup", type=float, default=1.35,
+                        help="Target ideal speed-up of a searched allocation (--method alloc; one of the calibrated ones)")
     return parser
 
 
@@ -59,17 +61,21 @@ def main(argv=None):
             raise ChessError(f"--max-tokens must be positive, got {args.max_tokens}")
         if not 0 <= args.sparsity < 1:
             raise ChessError(f"sparsity must be in [0, 1), got {args.sparsity:g}")
+        if args.method == "alloc" and not args.speedup > 1:
+            raise ChessError(f"--speedup must be above 1, got {args.speedup:g}")
+        setting = args.speedup if args.method == "alloc" else args.sparsity
         if args.seed is not None:
             mx.random.seed(args.seed)
         model, tokenizer, name = load_from_args(args)
         thresholds = resolve_thresholds(model, args.thresholds, [args.method])
         if thresholds is not None:
-            sparsify(model, thresholds, args.method, args.sparsity)
+            sparsify(model, thresholds, args.method, setting)
         prompt = build_prompt(tokenizer, args)
         sampler = make_sampler(args.temp, args.top_p)
 
         if args.verbose:
-            print(f"Model: {name} | method {args.method}, sparsity {args.sparsity:g} | "
+            target = f"speed-up {setting:g}x" if args.method == "alloc" else f"sparsity {setting:g}"
+            print(f"Model: {name} | method {args.method}, {target} | "
                   f"decode: {kernel_backend(model)}")
             print("=" * 10)
         text, response = [], None

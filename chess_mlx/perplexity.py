@@ -13,11 +13,12 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .calibrate import parse_sparsities
+from .calibrate import parse_speedups, parse_sparsities
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
+from .sparsify import (METHODS, configurations, format_sparsity, parse_methods, sparsify, target_label,
+                       track_sparsity, unsparsify)
 from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
 
@@ -114,6 +115,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
     parser.add_argument("--methods", default="dense,chess", help=f"Comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--sparsity", default="0.5", help="Comma-separated target sparsities")
+    parser.add_argument("--speedup", default="1.35",
+                        help="Comma-separated target ideal speed-ups of searched allocations (method alloc)")
     return parser
 
 
@@ -124,23 +127,23 @@ def main(argv=None):
     with cli_errors("chess_mlx.perplexity"):
         methods = parse_methods(args.methods)
         sparsities = parse_sparsities(args.sparsity)
+        speedups = parse_speedups(args.speedup)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
         thresholds = resolve_thresholds(model, args.thresholds, methods)
         windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
-        print(f"{'method':8} {'sparsity':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
-        for method in methods:
-            for sparsity in [0.0] if method == "dense" else sparsities:
-                if method == "dense":
-                    unsparsify(model)
-                else:
-                    sparsify(model, thresholds, method, sparsity)
-                with track_sparsity(model) as tracker:
-                    result = eval_ppl(model, windows, scored=scored)
-                realized = format_sparsity(tracker.summary())
-                print(f"{method:8} {sparsity:8.2f} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  {realized}",
-                      flush=True)
+        print(f"{'method':8} {'target':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
+        for method, setting in configurations(methods, sparsities, speedups):
+            if method == "dense":
+                unsparsify(model)
+            else:
+                sparsify(model, thresholds, method, setting)
+            with track_sparsity(model) as tracker:
+                result = eval_ppl(model, windows, scored=scored)
+            realized = format_sparsity(tracker.summary())
+            print(f"{method:8} {target_label(method, setting):>8} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  "
+                  f"{realized}", flush=True)
 
 
 if __name__ == "__main__":

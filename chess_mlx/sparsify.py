@@ -7,7 +7,7 @@ through them. Everything is plain MLX, so it works on every backend.
 
 import functools
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -408,6 +408,19 @@ def parse_methods(text: str) -> List[str]:
     if not methods:
         raise ChessError("--methods is empty")
     return methods
+
+
+def configurations(methods: Sequence[str], sparsities: Sequence[float],
+                   speedups: Sequence[float] = ()) -> List[Tuple[str, float]]:
+    """(method, setting) pairs: dense once, ``alloc`` at each target speed-up,
+    the others at each sparsity."""
+    settings = {"dense": [0.0], "alloc": list(speedups)}
+    return [(m, s) for m in methods for s in settings.get(m, sparsities)]
+
+
+def target_label(method: str, setting: float) -> str:
+    """'0.50' (a sparsity) or '1.35x' (an allocation's target speed-up)."""
+    return f"{setting:.2f}x" if method == "alloc" else f"{setting:.2f}"
 
 
 def model_layers(model: nn.Module) -> list:

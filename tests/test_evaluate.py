@@ -9,7 +9,9 @@ import mlx.nn as nn
 import pytest
 from conftest import WIKITEXT, ByteTokenizer, random_windows, tiny_llama
 
+from chess_mlx.allocation import search_allocations
 from chess_mlx.calibrate import calibrate
+from chess_mlx.costs import model_params
 from chess_mlx.errors import ChessError
 from chess_mlx.evaluate import (
     Example,
@@ -17,6 +19,8 @@ from chess_mlx.evaluate import (
     at_equal_sparsity,
     encode_pair,
     equal_sparsity_markdown,
+    EQUAL_SPEEDUP_TITLE,
+    at_equal_speedup,
     eval_task,
     evaluate,
     load_task,
@@ -179,7 +183,12 @@ def test_evaluate_rows_per_method_and_sparsity(llama, thresholds):
     assert rows[1]["mean_acc_norm"] == rows[1]["tasks"]["toy"]["acc_norm"]
     assert not any(hasattr(m, "_tracker") for _, m in llama.named_modules() if type(m).__name__.startswith("Sparse"))
     table = markdown_table(rows, ["toy"]).splitlines()
-    assert table[0] == "| method | sparsity | ppl | toy | mean | realized sparsity |" and len(table) == 7
+    assert table[0] == "| method | target | ideal | realized ideal | ppl | toy | mean | realized sparsity |"
+    assert len(table) == 7
+    ideal = [r["ideal_speedup"] for r in rows]
+    assert ideal[0] == 1.0 and 1 < ideal[1] < ideal[2] < ideal[4] and ideal[3] > ideal[1]
+    for row in rows[1:]:  # the realized sparsity is near the target on the calibration's own kind of data
+        assert row["ideal_speedup_realized"] == pytest.approx(row["ideal_speedup"], rel=0.15)
 
 
 def test_run_writes_json_markdown_and_plot(llama, thresholds, tmp_path, capsys):
@@ -198,10 +207,12 @@ def test_run_writes_json_markdown_and_plot(llama, thresholds, tmp_path, capsys):
     report = json.loads(open(out["json"]).read())
     assert report["model"] == "tiny" and len(report["rows"]) == 2 == len(rows)
     assert report["rows"][1]["tasks"]["toy"]["examples"] == 2
-    assert open(out["md"]).read().count("\n") == 4
+    markdown = open(out["md"]).read()
+    assert markdown.count("\n") >= 4 and EQUAL_SPEEDUP_TITLE in markdown
+    assert report["at_equal_ideal_speedup"][0]["ideal_speedup"] == 1.25
     assert open(out["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].split()[:3] == ["method", "sparsity", "ppl"] and printed[3].startswith("chess")
+    assert printed[1].split()[:4] == ["method", "target", "ideal", "realized"] and printed[3].startswith("chess")
     unsparsify(llama)
 
 
@@ -343,3 +354,25 @@ def test_methods_compare_at_equal_realized_sparsity():
     assert table[1]["chess"] == {}  # 0.6 lies outside chess' measured range
     text = equal_sparsity_markdown(table)
     assert "| 0.300 | 12.00 (40.0) | 22.00 (40.0) |" in text and "| 0.600 | 20.00 (30.0) | - |" in text
+
+
+def test_teal_and_searched_allocation_rows(llama, tmp_path):
+    thresholds = calibrate(llama, random_windows(), [0.1 * i for i in range(1, 10)], progress=False)
+    search_allocations(llama, thresholds, random_windows(2, 40, seed=3), [1.2, 1.4], progress=False)
+    windows = ([w for w in random_windows(2, 33, seed=8)], [32, 32])
+    rows = evaluate(llama, CharTokenizer(), thresholds, ["dense", "teal", "alloc"], [0.3], windows,
+                    progress=False, speedups=[1.2, 1.4])
+    assert [(r["method"], r["target"]) for r in rows] == [("dense", "0.00"), ("teal", "0.30"),
+                                                          ("alloc", "1.20x"), ("alloc", "1.40x")]
+    teal = rows[1]
+    assert set(teal["realized_sparsity"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_in", "down_in"}
+    # teal at s skips s of every projection's weights, the LM head excepted
+    layer_params, head = model_params(llama)
+    layers = sum(sum(p.values()) for p in layer_params)
+    assert teal["ideal_speedup"] == pytest.approx(1 / (1 - 0.3 * layers / (layers + head)))
+    for row, target in zip(rows[2:], [1.2, 1.4]):
+        assert row["ideal_speedup"] == pytest.approx(target, abs=0.03)
+        assert row["ideal_speedup_realized"] == pytest.approx(row["ideal_speedup"], rel=0.1)
+        assert row["perplexity"]["ppl"] >= rows[0]["perplexity"]["ppl"] * 0.95
+    table = at_equal_speedup(rows, [1.1, 5.0])
+    assert "ppl" in table[0]["alloc"] and table[1]["alloc"] == {}
