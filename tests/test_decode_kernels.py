@@ -135,3 +135,17 @@ def test_untied_lm_head_decodes_through_kernels():
     unsparsify(model)
     after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_emulated_decode_of_a_searched_allocation(float_llama):
+    from chess_mlx.allocation import search_allocations
+
+    model, thresholds = float_llama
+    search_allocations(model, thresholds, random_windows(1, 30, seed=2), [1.3], progress=False)
+    prompt, token = random_windows(1, 9, seed=7)[0], 5
+    sparsify(model, thresholds, "alloc", 1.3, kernels=None)
+    reference = decode_logits(model, prompt, token)
+    sparsify(model, thresholds, "alloc", 1.3, kernels=EmulatedKernels())
+    result = decode_logits(model, prompt, token)
+    unsparsify(model)
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)

@@ -148,7 +148,7 @@ def quantized_llama():
     return model, thresholds
 
 
-@pytest.mark.parametrize("method", ["cats", "chess", "chess+"])
+@pytest.mark.parametrize("method", ["cats", "chess", "chess+", "teal"])
 def test_quantized_decode_with_kernels_equals_reference(quantized_llama, method):
     model, thresholds = quantized_llama
     prompt = random_windows(1, 9, seed=5)[0]
