@@ -20,6 +20,7 @@ over the squared norm of the residual stream entering it, so blocks of every
 depth are comparable. Activations entering each block are the dense model's.
 """
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -28,10 +29,13 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from .blas import reexec_with_openblas
+from .data import load_documents, token_windows
 from .errors import ChessError
-from .sparsify import ACTIVATIONS, InputSparseLinear, SparseMLP, model_layers, unsparsify
+from .sparsify import ACTIVATIONS, InputSparseLinear, model_layers, unsparsify
 from .costs import allocation_speedup, model_params, skipped_params
-from .thresholds import ALLOCATED, LayerThresholds, Thresholds
+from .thresholds import ALLOCATED, LayerThresholds, Thresholds, check_destination, load_thresholds
+from .utils import add_model_args, cli_errors, load_from_args
 
 ATTENTION_PARTS = ("attn_in", "o_in")
 MLP_PARTS = ("mlp_in", "gate", "down_in")
@@ -122,18 +126,43 @@ class BlockProbe:
         self.thresholds = thresholds
         self.activation = ACTIVATIONS[model.model_type]
         self.dense_contribution = [contribution(self.layer, kind, y) for y in record.outputs]
+        # MLP projections of each window by MLP-input level: the gate mask and
+        # the down threshold change only what follows them.
+        self._projected: Dict[float, List[Tuple[mx.array, mx.array]]] = {}
 
     def error(self, levels: Dict[str, float]) -> float:
         plan = self.thresholds.layer_plan(self.index, levels)
         squared = 0.0
-        for x, mask, reference in zip(self.record.inputs, self.record.masks, self.dense_contribution):
-            y = self.run(plan, x, mask)
+        for w, (x, mask, reference) in enumerate(zip(self.record.inputs, self.record.masks, self.dense_contribution)):
+            y = self.run_mlp(plan, levels.get("mlp_in", 0.0), w) if self.kind == "mlp" else self.run_attention(plan, x, mask)
             squared += mx.sum(mx.square((contribution(self.layer, self.kind, y) - reference).astype(mx.float32))).item()
         return squared / self.record.residual_sq
 
-    def run(self, plan: LayerThresholds, x: mx.array, mask) -> mx.array:
-        if self.kind == "mlp":
-            return SparseMLP(self.layer.mlp, self.activation, plan, "probe")(x) if plan.mlp else self.layer.mlp(x)
+    def run_mlp(self, plan: LayerThresholds, mlp_in: float, window: int) -> mx.array:
+        """SparseMLP's reference path on projections computed once per MLP-input level."""
+        gate, up_in = self.projected(plan, mlp_in)[window]
+        mlp = self.layer.mlp
+        if plan.gate is not None:
+            gate = mx.where(mx.abs(gate) >= plan.gate, gate, 0)
+        up = self.projected(plan, 0.0)[window][1] if plan.gate is not None and plan.up_from_mask else up_in
+        hidden = gate * up
+        if plan.down_in is not None:
+            hidden = mx.where(mx.abs(hidden) >= plan.down_in, hidden, 0)
+        return mlp.down_proj(hidden)
+
+    def projected(self, plan: LayerThresholds, mlp_in: float) -> List[Tuple[mx.array, mx.array]]:
+        if mlp_in not in self._projected:
+            mlp, results = self.layer.mlp, []
+            for x in self.record.inputs:
+                if mlp_in > 0:
+                    x = mx.where(mx.abs(x) >= plan.mlp_in, x, 0)
+                gate, up = self.activation(mlp.gate_proj(x)), mlp.up_proj(x)
+                mx.eval(gate, up)
+                results.append((gate, up))
+            self._projected[mlp_in] = results
+        return self._projected[mlp_in]
+
+    def run_attention(self, plan: LayerThresholds, x: mx.array, mask) -> mx.array:
         attn = self.layer.self_attn
         saved = {p: getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
         inputs = {"q_proj": plan.q_in, "k_proj": plan.kv_in, "v_proj": plan.kv_in, "o_proj": plan.o_in}
@@ -263,3 +292,43 @@ def search_allocations(
         f"greedy block-wise (TEAL) then global by error per weight; {sum(len(w) for w in windows)} tokens"
     )
     return thresholds
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Search per-layer sparsity allocations for target ideal speed-ups in an existing thresholds file.")
+    add_model_args(parser)
+    parser.add_argument("--thresholds", required=True, help="Thresholds file from chess_mlx.calibrate")
+    parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files (as for calibration)")
+    parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. ':30'")
+    parser.add_argument("--tokens", type=int, default=2048, help="Tokens for the search")
+    parser.add_argument("--speedup", default="1.25,1.35,1.5", help="Comma-separated target ideal speed-ups")
+    parser.add_argument("--out", required=True, help="Output thresholds file (may be --thresholds itself)")
+    return parser
+
+
+def main(argv=None):
+    from .calibrate import first_tokens, parse_speedups
+
+    args = setup_arg_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas()
+    with cli_errors("chess_mlx.allocation"):
+        speedups = parse_speedups(args.speedup)
+        if args.tokens <= 0:
+            raise ChessError(f"--tokens must be positive, got {args.tokens}")
+        check_destination(args.out)
+        thresholds = load_thresholds(args.thresholds)
+        documents = load_documents(args.data, args.documents)
+        model, tokenizer, _ = load_from_args(args)
+        thresholds.validate(model)
+        windows = first_tokens(token_windows(documents, tokenizer, 2048, args.tokens), args.tokens)
+        search_allocations(model, thresholds, windows, speedups)
+        thresholds.save(args.out)
+        for target, predicted in zip(speedups, thresholds.allocation_predicted):
+            print(f"allocation for {target:g}x: ideal speed-up {predicted:.3f}x")
+        print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

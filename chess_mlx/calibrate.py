@@ -206,15 +206,17 @@ def parse_sparsities(text: str) -> List[float]:
     return sorted(set(values))
 
 
-def first_tokens(windows: Sequence[Sequence[int]], count: int) -> List[List[int]]:
-    """The windows cut to their first ``count`` tokens in all."""
-    result, left = [], count
+def first_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 512) -> List[List[int]]:
+    """The first ``count`` tokens of the windows, cut into pieces of at most
+    ``length`` (attention's cost grows with the square of the length)."""
+    pieces, left = [], count
     for window in windows:
-        if left <= 0:
-            break
-        result.append(list(window[:left]))
-        left -= len(result[-1])
-    return result
+        for start in range(0, len(window), length):
+            if left <= 0:
+                return pieces
+            pieces.append(list(window[start : start + min(length, left)]))
+            left -= len(pieces[-1])
+    return pieces
 
 
 def parse_speedups(text: str) -> List[float]:

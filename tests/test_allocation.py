@@ -3,12 +3,12 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import MODELS, random_windows, tiny_llama
+from conftest import MODELS, ByteTokenizer, random_windows, tiny_llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from chess_mlx import cpu_kernels
-from chess_mlx.allocation import allocate_budget, greedy_path, lower_hull, search_allocations
-from chess_mlx.calibrate import calibrate
+from chess_mlx.allocation import BlockProbe, allocate_budget, greedy_path, lower_hull, record_blocks, search_allocations
+from chess_mlx.calibrate import calibrate, first_tokens
 from chess_mlx.costs import allocation_speedup, model_params, projection_sparsity, skipped_params
 from chess_mlx.errors import ChessError
 from chess_mlx.sparsify import InputMajorLinear, SparseMLP, sparsify, track_sparsity, unsparsify
@@ -163,3 +163,40 @@ def test_cpu_kernel_decode_equals_reference(searched, method, setting):
     unsparsify(model)
     assert tokens == reference_tokens
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_probe_mlp_is_sparse_mlp_and_windows_are_cut(searched):
+    model, thresholds = searched
+    windows = first_tokens(random_windows(2, 40, seed=1), 50, length=16)
+    assert [len(w) for w in windows] == [16, 16, 8, 10] and windows[3] == random_windows(2, 40, seed=1)[1][:10]
+    records = record_blocks(model, windows, progress=False)
+    probe = BlockProbe(model, 1, "mlp", records[1]["mlp"], thresholds)
+    cases = [{"mlp_in": 0.3, "gate": 0.5, "down_in": 0.6}, {"mlp_in": 0.6, "gate": 0.2}, {"gate": 0.4}, {"down_in": 0.5}]
+    for levels in cases:
+        plan = thresholds.layer_plan(1, levels)
+        expected = SparseMLP(model.layers[1].mlp, probe.activation, plan, "check")(records[1]["mlp"].inputs[2])
+        got = probe.run_mlp(plan, levels.get("mlp_in", 0.0), 2)
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-6)
+    assert probe.error({}) == 0 and probe.error(cases[0]) > probe.error(cases[3]) > 0
+
+
+def test_cli_searches_an_existing_file(searched, tmp_path, monkeypatch, capsys):
+    from chess_mlx import allocation as allocation_module
+
+    model, thresholds = searched
+    source = tmp_path / "t.safetensors"
+    thresholds.save(str(source))
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join("Some words of paragraph %d, and more words." % i * 3 for i in range(6)))
+    monkeypatch.setattr(allocation_module, "load_from_args", lambda _: (model, ByteTokenizer(), "tiny"))
+    out = tmp_path / "out.safetensors"
+    allocation_module.main(["--thresholds", str(source), "--data", str(text), "--tokens", "64",
+                            "--speedup", "1.3", "--out", str(out)])
+    assert "allocation for 1.3x: ideal speed-up" in capsys.readouterr().out
+    loaded = load_thresholds(str(out))
+    assert list(loaded.allocation_speedups) == [np.float32(1.3)]
+    np.testing.assert_array_equal(loaded.chess, thresholds.chess)
+    with pytest.raises(SystemExit):
+        allocation_module.main(["--thresholds", str(source), "--data", str(text), "--speedup", "0.9",
+                                "--out", str(out)])
+    assert "target speed-ups must be above 1" in capsys.readouterr().err
