@@ -269,19 +269,21 @@ def main(argv=None):
         model_layers(model)  # an unsupported architecture fails here, before tokenizing the data
         windows = token_windows(documents, tokenizer, args.window, args.tokens)
         thresholds = calibrate(model, windows, sparsities, args.statistic)
-        if speedups:
-            thresholds = search_allocations(model, thresholds, first_tokens(windows, args.allocation_tokens), speedups)
         thresholds.metadata.update(
             model=name,
             data=" ".join(Path(d).name for d in args.data)
             + (f" documents[{args.documents}]" if args.documents else ""),
             window=str(args.window),
         )
+        # Saved before the search too: an interrupted search keeps the thresholds.
         thresholds.save(args.out)
         print(f"Wrote thresholds for {len(model.layers)} layers at sparsities "
               f"{', '.join(f'{s:g}' for s in sparsities)} ({args.tokens} tokens) to {args.out}")
-        for target, predicted in zip(speedups, thresholds.allocation_predicted if speedups else []):
-            print(f"  allocation for {target:g}x: ideal speed-up {predicted:.3f}x")
+        if speedups:
+            search_allocations(model, thresholds, first_tokens(windows, args.allocation_tokens), speedups)
+            thresholds.save(args.out)
+            for target, predicted in zip(speedups, thresholds.allocation_predicted):
+                print(f"  allocation for {target:g}x: ideal speed-up {predicted:.3f}x")
 
 
 if __name__ == "__main__":
