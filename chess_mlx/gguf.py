@@ -315,7 +315,10 @@ def _gemma3_config(meta: dict, weights: dict) -> dict:
     # Gemma's chat turns end with <end_of_turn>, as in its generation_config.
     tokens = meta["tokenizer.ggml.tokens"]
     if "<end_of_turn>" in tokens and "eos_token_id" in config:
-        config["eos_token_id"] = [config["eos_token_id"], tokens.index("<end_of_turn>")]
+        eos = config["eos_token_id"]
+        eos = eos if isinstance(eos, list) else [eos]
+        end_of_turn = tokens.index("<end_of_turn>")
+        config["eos_token_id"] = eos + [end_of_turn] * (end_of_turn not in eos)
     return config
 
 
