@@ -4,7 +4,7 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ChessError
 
@@ -79,6 +79,17 @@ def parse_slice(spec: str) -> slice:
     return slice(*parts)
 
 
+def encode_document(tokenizer, document: str) -> Tuple[List[int], List[int]]:
+    """``(prefix, tokens)`` of a document: when the tokenizer starts every
+    text with BOS (Gemma), the prefix is that BOS, and every window gets it,
+    as the model saw in training; models are far off without it."""
+    tokens = list(tokenizer.encode(document))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokens and bos is not None and tokens[0] == bos:
+        return [bos], tokens[1:]
+    return [], tokens
+
+
 def token_windows(
     documents: Sequence[str],
     tokenizer,
@@ -86,22 +97,25 @@ def token_windows(
     num_tokens: Optional[int] = None,
     min_window: int = 32,
 ) -> List[List[int]]:
-    """Split each document's tokens into windows of at most ``window`` tokens.
+    """Split each document's tokens into windows of at most ``window`` tokens
+    (each starting with the tokenizer's BOS, if it adds one).
 
     Windows never cross documents; a document's tail shorter than
     ``min_window`` is dropped. With ``num_tokens`` the windows hold exactly
-    that many tokens, or a ChessError says how many the data has.
+    that many text tokens (BOS not counted), or a ChessError says how many
+    the data has.
     """
     windows, total = [], 0
     for doc in documents:
-        tokens = tokenizer.encode(doc)
-        for start in range(0, len(tokens), window):
-            piece = tokens[start : start + window]
-            if len(piece) < min_window:
+        prefix, tokens = encode_document(tokenizer, doc)
+        step = window - len(prefix)
+        for start in range(0, len(tokens), step):
+            piece = tokens[start : start + step]
+            if len(piece) + len(prefix) < min_window:
                 continue
             if num_tokens is not None:
                 piece = piece[: num_tokens - total]
-            windows.append(piece)
+            windows.append(prefix + piece)
             total += len(piece)
             if num_tokens is not None and total >= num_tokens:
                 return windows

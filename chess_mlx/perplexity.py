@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .calibrate import parse_speedups, parse_sparsities
-from .data import load_documents, token_windows
+from .data import encode_document, load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
 from .sparsify import (METHODS, configurations, format_sparsity, parse_methods, sparsify, target_label,
@@ -74,13 +74,16 @@ def strided_windows(
         raise ChessError(f"--stride must be in [1, --window], got {stride}")
     windows, scored, total = [], [], 0
     for doc in documents:
-        tokens = tokenizer.encode(doc)
+        prefix, tokens = encode_document(tokenizer, doc)
+        # A BOS prefix takes a window place, and the first text token gets scored.
+        span = window - len(prefix)
+        step = min(stride, span)
         end = 0
-        while end < len(tokens) - 1:
-            new_end = min(end + stride if end else window, len(tokens))
+        while end < len(tokens) - (0 if prefix else 1):
+            new_end = min(end + step if end else span, len(tokens))
             if num_tokens is not None:
                 new_end = min(new_end, end + num_tokens - total)
-            piece = tokens[max(0, new_end - window) : new_end]
+            piece = prefix + tokens[max(0, new_end - span) : new_end]
             count = min(new_end - end, len(piece) - 1)
             if count > 0:
                 windows.append(piece)

@@ -53,3 +53,27 @@ def test_windows_exact_count_and_shortage():
         token_windows(docs, ByteTokenizer(), window=40, num_tokens=1000, min_window=5)
     # Short tails are dropped without a token target.
     assert [len(w) for w in token_windows(docs, ByteTokenizer(), window=40, min_window=32)] == [40, 40, 40]
+
+
+class BosTokenizer(ByteTokenizer):
+    """Starts every text with BOS (id 50, no letter), as Gemma's tokenizer does."""
+
+    bos_token_id = 50
+
+    def encode(self, text: str) -> list:
+        return [self.bos_token_id] + super().encode(text)
+
+
+def test_every_window_starts_with_bos_when_the_tokenizer_adds_one():
+    from chess_mlx.perplexity import strided_windows
+
+    docs = ["abcdefghij" * 10]  # 100 text tokens
+    windows = token_windows(docs, BosTokenizer(), window=40, min_window=5)
+    assert [len(w) for w in windows] == [40, 40, 23] and all(w[0] == 50 for w in windows)
+    assert sum((w[1:] for w in windows), []) == ByteTokenizer().encode(docs[0])  # every text token once
+    assert sum(len(w) - 1 for w in token_windows(docs, BosTokenizer(), window=40, num_tokens=50)) == 50
+    strided, scored = strided_windows(docs, BosTokenizer(), window=40, stride=40)
+    assert all(w[0] == 50 and len(w) <= 40 for w in strided)
+    assert sum(scored) == 100  # with BOS in front, the first text token is scored too
+    strided, scored = strided_windows(docs, BosTokenizer(), window=40, stride=20)
+    assert sum(scored) == 100 and all(0 < s < len(w) for w, s in zip(strided, scored))
