@@ -12,6 +12,9 @@ rep by rep so that changing machine load hits them alike; realized sparsity
 comes from a separate untimed pass. Kernel level: time of each projection's
 sparse GEMV versus the kept fraction of channels, beside the ideal (kept
 fraction times the kernel's time at 1) and MLX's dense matmul.
+
+Methods: cats, chess, chess+ and teal at each --sparsity, alloc (a searched
+per-layer allocation) at each target ideal speed-up of --speedup.
 """
 
 import argparse
@@ -36,13 +39,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .blas import blas_in_use, reexec_with_openblas
-from .calibrate import calibrate, parse_sparsities
-from .costs import Shapes, ideal_speedup, skipped_speedup
+from .allocation import search_allocations
+from .calibrate import calibrate, first_tokens, parse_speedups, parse_sparsities
+from .costs import Shapes, layers_speedup, model_params, planned_sparsity, realized_sparsity
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
-    default_kernels, kernel_backend, model_layers, out_gemv, parse_methods, sparsify, track_sparsity,
-    unsparsify,
+    configurations, default_kernels, kernel_backend, model_layers, out_gemv, parse_methods, sparsify,
+    target_label, track_sparsity, unsparsify,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
 from .utils import DTYPES, cli_errors, load, shipped_thresholds
@@ -55,6 +59,14 @@ LLAMA_1B_ARGS = llama.ModelArgs(
 CALIBRATION_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-valid.txt"
 PROMPT = "The history of the city begins in the Roman period, when a small settlement grew up beside the river"
 STOCK, DENSE = "mlx-lm", "dense"
+# Sparsity levels the allocation search may pick from when bench calibrates itself.
+ALLOCATION_GRID = tuple(i / 10 for i in range(1, 10))
+# Tokens the allocation search runs on when bench calibrates itself. The
+# allocation's quality is meaningless here (few tokens, maybe random weights):
+# only its byte allocation matters for speed. Each probe of the search streams
+# a block's weights, so its time grows slowly with tokens: on the Llama-3.2-1B
+# shapes (2 busy CPU cores) 4-6 minutes on 32-64 tokens, about 17 on 256.
+ALLOCATION_TOKENS = 64
 
 
 @dataclass
@@ -78,7 +90,7 @@ SHORT = Settings(tokens=4, reps=2, warmup=0, kernel_reps=2, kept=(0.0, 0.5, 1.0)
 @dataclass(frozen=True)
 class Config:
     method: str  # STOCK (the unpatched model), DENSE (ours at sparsity 0) or a sparse method
-    sparsity: float = 0.0
+    setting: float = 0.0  # the target sparsity, or for alloc the target ideal speed-up
 
     @property
     def name(self) -> str:
@@ -86,11 +98,13 @@ class Config:
             return "mlx-lm dense"
         if self.method == DENSE:
             return "chess_mlx dense"
-        return f"{self.method} {self.sparsity:g}"
+        return f"{self.method} {target_label(self.method, self.setting)}"
 
 
-def make_configs(methods: Sequence[str], sparsities: Sequence[float]) -> List[Config]:
-    return [Config(STOCK), Config(DENSE)] + [Config(m, s) for m in methods for s in sparsities]
+def make_configs(
+    methods: Sequence[str], sparsities: Sequence[float], speedups: Sequence[float] = ()
+) -> List[Config]:
+    return [Config(STOCK), Config(DENSE)] + [Config(m, s) for m, s in configurations(methods, sparsities, speedups)]
 
 
 def apply_config(model: nn.Module, thresholds: Thresholds, config: Config, kernels="auto"):
@@ -99,7 +113,7 @@ def apply_config(model: nn.Module, thresholds: Thresholds, config: Config, kerne
     elif config.method == DENSE:
         sparsify(model, thresholds, "chess", 0.0, kernels)  # zero thresholds: the kernels keep everything
     else:
-        sparsify(model, thresholds, config.method, config.sparsity, kernels)
+        sparsify(model, thresholds, config.method, config.setting, kernels)
     mx.eval(model.parameters())  # the input-major re-layout happens here, not in the timing
 
 
@@ -221,8 +235,24 @@ def calibration_windows(
     return windows, f"{count * length} tokens of {path.name}"
 
 
+def calibrate_here(
+    model: nn.Module, windows: Sequence[Sequence[int]], methods: Sequence[str], sparsities: Sequence[float],
+    speedups: Sequence[float], progress: bool = True,
+) -> Thresholds:
+    """Thresholds at ``sparsities`` and, when alloc is asked, allocations for
+    ``speedups`` searched over the levels 0.1..0.9 (plus ``sparsities``) on the
+    first ALLOCATION_TOKENS tokens: only the bytes an allocation skips matter
+    to the bench, not its quality."""
+    if "alloc" not in methods:
+        return calibrate(model, windows, sparsities, progress=progress)
+    levels = sorted(set(sparsities) | set(ALLOCATION_GRID))
+    thresholds = calibrate(model, windows, levels, progress=progress)
+    return search_allocations(model, thresholds, first_tokens(windows, ALLOCATION_TOKENS), speedups, progress)
+
+
 def resolve_thresholds(
-    model: nn.Module, tokenizer, args: argparse.Namespace, sparsities: Sequence[float], settings: Settings
+    model: nn.Module, tokenizer, args: argparse.Namespace, methods: Sequence[str], sparsities: Sequence[float],
+    speedups: Sequence[float], settings: Settings,
 ) -> Tuple[Thresholds, str]:
     """Thresholds from --thresholds, else the shipped ones, else calibrated
     here on a few windows (good enough for speed, not for accuracy)."""
@@ -233,11 +263,21 @@ def resolve_thresholds(
     else:
         vocab = model_shapes(model).vocab
         windows, what = calibration_windows(tokenizer, vocab, args.calibration_data, settings)
-        thresholds, source = calibrate(model, windows, sparsities), f"calibrated here on {what}"
+        thresholds = calibrate_here(model, windows, methods, sparsities, speedups)
+        source = f"calibrated here on {what}"
+        if "alloc" in methods:
+            source += f" (allocations searched on the first {ALLOCATION_TOKENS})"
     thresholds.validate(model)
-    for s in sparsities:
-        thresholds.sparsity_index(s)
+    check_thresholds(thresholds, methods, sparsities, speedups)
     return thresholds, source
+
+
+def check_thresholds(thresholds: Thresholds, methods: Sequence[str], sparsities: Sequence[float],
+                     speedups: Sequence[float]):
+    """A one-line error now, not after minutes of timing, for a missing
+    sparsity, allocation or input threshold (teal and alloc need a recent file)."""
+    for method, setting in configurations(methods, sparsities, speedups):
+        thresholds.layer_thresholds(method, setting)
 
 
 def model_shapes(model: nn.Module) -> Shapes:
@@ -290,12 +330,13 @@ def decode_speed(model: nn.Module, prompt: mx.array, steps: int, warmup: int) ->
     return steps / (time.perf_counter() - start)
 
 
-def realized_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Dict[str, float]:
-    """Dropped fraction per projection kind over decode steps (prompt excluded)."""
+def measure_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Dropped fraction over decode steps (prompt excluded): per projection
+    kind, and per 'layers.N.kind' (what :func:`costs.realized_sparsity` reads)."""
     cache, y = prefill(model, prompt)
     with track_sparsity(model) as tracker:
         decode_steps(model, cache, y, steps)
-    return tracker.summary()
+    return tracker.summary(), tracker.sparsity()
 
 
 def spread(values: Sequence[float]) -> Dict[str, float]:
@@ -304,12 +345,29 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
             "q1": float(q1), "q3": float(q3)}
 
 
-def realized_ideal(shapes: Shapes, sparsity: Dict[str, float], head_ratio: float = 1.0) -> float:
-    """Ideal speed-up for the realized (not the target) sparsity."""
-    gate = sparsity.get("gate", 0.0)
-    skipped = {"up_proj": gate, "down_proj": gate,
-               "q_proj": sparsity.get("q_proj", 0.0), "o_proj": sparsity.get("o_proj", 0.0)}
-    return skipped_speedup(shapes, skipped, head_ratio)
+@dataclass
+class Ideal:
+    """Ideal speed-ups from the weights each layer's projections skip, with
+    the LM head's weights counted at its bytes per weight over the layers'
+    (``head_ratio``: quantized models may store it at another width)."""
+
+    layer_params: List[Dict[str, int]]
+    head: float  # LM head weights times head_ratio
+
+    @classmethod
+    def of(cls, model: nn.Module, head_ratio: float = 1.0) -> "Ideal":
+        layer_params, head = model_params(unsparsify(model))
+        return cls(layer_params, head * head_ratio)
+
+    def planned(self, thresholds: Thresholds, method: str, setting: float) -> float:
+        if method in (STOCK, DENSE):
+            return 1.0
+        planned = planned_sparsity(thresholds, method, setting, len(self.layer_params))
+        return float(layers_speedup(self.layer_params, self.head, planned))
+
+    def realized(self, per_layer: Dict[str, float]) -> float:
+        """For the realized sparsity: a tracker's 'layers.N.kind' fractions."""
+        return float(layers_speedup(self.layer_params, self.head, realized_sparsity(per_layer, len(self.layer_params))))
 
 
 def bytes_per_weight(module: nn.Module, n_weights: int) -> float:
@@ -331,13 +389,12 @@ def bench_decode(
     prompt: mx.array,
     configs: Sequence[Config],
     settings: Settings,
-    shapes: Shapes,
+    ideal: Ideal,
     bar: tqdm,
-    head: float = 1.0,
 ) -> List[Dict]:
     """One row per config: tokens/s over interleaved reps, speed-ups, sparsity
-    (``head``: the LM head's bytes per weight over the layers')."""
-    paths, sparsity, kernel_time = {}, {}, {}
+    and the ideal speed-up, targeted and realized."""
+    paths, sparsity, per_layer, kernel_time = {}, {}, {}, {}
     kernels = default_kernels()
     bar.set_description("decode (warm-up, sparsity)")
     for config in configs:
@@ -345,7 +402,7 @@ def bench_decode(
         recorder = RecordingKernels(kernels) if kernels is not None and config.method != STOCK else None
         apply_config(model, thresholds, config, recorder)
         paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(model)
-        sparsity[config] = realized_sparsity(model, prompt, settings.tokens)
+        sparsity[config], per_layer[config] = measure_sparsity(model, prompt, settings.tokens)
         kernel_time[config] = None if recorder is None else \
             kernel_time_per_step(model, prompt, recorder, settings.kernel_reps)
         bar.update()
@@ -361,18 +418,20 @@ def bench_decode(
     rows = []
     for config in configs:
         tps = np.array(speeds[config])
-        method = config.method if config.method not in (STOCK, DENSE) else "dense"
+        dense_row = config.method in (STOCK, DENSE)
         rows.append({
             "config": config.name,
             "method": config.method,
-            "sparsity": config.sparsity,
+            "target": None if dense_row else target_label(config.method, config.setting),
+            "sparsity": None if config.method == "alloc" else config.setting,
+            "target_speedup": config.setting if config.method == "alloc" else None,
             "decode_path": paths[config],
             "tokens_per_s": {**spread(tps), "reps": tps.tolist()},
             # Paired per rep: both ran within moments of each other.
             "speedup": spread(tps / stock),
             "speedup_vs_dense_path": spread(tps / dense),
-            "ideal_speedup": ideal_speedup(shapes, method, config.sparsity, head),
-            "ideal_speedup_realized": realized_ideal(shapes, sparsity[config], head),
+            "ideal_speedup": ideal.planned(thresholds, config.method, config.setting),
+            "ideal_speedup_realized": ideal.realized(per_layer[config]),
             "realized_sparsity": sparsity[config],
             # Where a step goes: its GEMV calls timed alone, and the rest.
             "kernel_ms_per_step": None if kernel_time[config] is None else 1e3 * kernel_time[config],
@@ -393,11 +452,16 @@ class KernelShape:
     n_out: int
 
 
-def kernel_shapes(shapes: Shapes) -> List[KernelShape]:
-    """The GEMV each sparsified projection runs at decode, one per distinct shape."""
+def kernel_shapes(shapes: Shapes, methods: Sequence[str] = ()) -> List[KernelShape]:
+    """The GEMV each sparsified projection runs at decode, one per distinct
+    shape; teal and alloc also make k/v and gate/up input-sparse."""
     attn, h, f = shapes.heads * shapes.head_dim, shapes.hidden, shapes.intermediate
+    kv = shapes.kv_heads * shapes.head_dim
     wanted = [("q_proj", "sparse_in_gemv", h, attn), ("o_proj", "sparse_in_gemv", attn, h),
               ("up_proj", "sparse_out_gate_gemv", h, f), ("down_proj", "sparse_in_gemv", f, h)]
+    if {"teal", "alloc"} & set(methods):
+        wanted[1:1] = [("k_proj", "sparse_in_gemv", h, kv), ("v_proj", "sparse_in_gemv", h, kv)]
+        wanted[-1:-1] = [("gate_proj", "sparse_in_gemv", h, f), ("up_proj", "sparse_in_gemv", h, f)]
     merged: Dict[Tuple, List[str]] = {}
     for name, kernel, n_in, n_out in wanted:
         merged.setdefault((kernel, n_in, n_out), []).append(name)
@@ -481,13 +545,14 @@ def weight_copies(
 
 
 def bench_kernels(
-    shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm, quantization: Optional[Quantization] = None
+    shapes: Shapes, kernels, settings: Settings, dtype, bar: tqdm, quantization: Optional[Quantization] = None,
+    methods: Sequence[str] = (),
 ) -> List[Dict]:
     """Per projection shape: kernel time versus kept fraction, interleaved over reps."""
     kept = sorted(set(settings.kept) | {1.0})
     rows = []
     bar.set_description("kernels")
-    for shape in kernel_shapes(shapes):
+    for shape in kernel_shapes(shapes, methods):
         sparse_weights, linear_weights, size = weight_copies(shape, settings, dtype, quantization)
         calls = kernel_calls(shape, kernels, kept, dtype, quantization)
         weights = {key: linear_weights if key == "mlx" else sparse_weights for key in calls}
@@ -611,7 +676,9 @@ def print_kernels(rows: List[Dict]):
 
 
 def plot(result: Dict, path: str):
-    """Two panels: decode speed-up vs sparsity, kernel time vs kept fraction."""
+    """Two panels: measured decode speed-up vs the ideal one (for the realized
+    sparsity, so methods at target sparsities and at target speed-ups share
+    an axis), and kernel time vs kept fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,20 +691,24 @@ def plot(result: Dict, path: str):
     # skipped bytes differ, which is what the ideal models.
     left.axhline(1.0, color="black", lw=0.8, label="chess_mlx dense (s=0)")
     left.axhline(stock, color="gray", ls=":", label="mlx-lm dense")
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] not in (STOCK, DENSE))):
-        own = [r for r in rows if r["method"] == method]
-        x = [r["sparsity"] for r in own]
+    sparse = [r for r in rows if r["method"] not in (STOCK, DENSE)]
+    top = max([r["ideal_speedup_realized"] for r in sparse], default=1.0)
+    left.plot([1.0, top], [1.0, top], "k--", lw=0.8, label="ideal (measured = ideal)")
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in sparse)):
+        own = sorted((r for r in sparse if r["method"] == method), key=lambda r: r["ideal_speedup_realized"])
+        x = [r["ideal_speedup_realized"] for r in own]
         ratio = [r["speedup_vs_dense_path"] for r in own]
         y = [q["median"] for q in ratio]
         err = [[a - q["min"] for a, q in zip(y, ratio)], [q["max"] - a for a, q in zip(y, ratio)]]
-        color = f"C{i}"
-        left.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, label=f"{method} measured")
-        left.plot([0] + x, [1.0] + [r["ideal_speedup"] for r in own], "--", color=color, label=f"{method} ideal")
-    left.set(xlabel="target sparsity", ylabel="decode speed-up vs chess_mlx dense",
+        left.errorbar(x, y, yerr=err, color=f"C{i}", marker="o", capsize=3, label=method)
+        for r, xi, yi in zip(own, x, y):
+            left.annotate(r["target"], (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    left.set(xlabel="ideal decode speed-up (realized sparsity)", ylabel="measured speed-up vs chess_mlx dense",
              title=f"End-to-end decode ({result['model']['name']})")
     left.legend(fontsize=8)
     for i, r in enumerate(result["kernels"]):
-        color, label = f"C{i}", f"{'/'.join(r['projections'])} {r['in']}x{r['out']}"
+        side = "out" if "_out_" in r["kernel"] else "in"
+        color, label = f"C{i}", f"{'/'.join(r['projections'])} {r['in']}x{r['out']} ({side})"
         kept = [p["kept"] for p in r["points"]]
         right.plot(kept, [p["time_us"]["median"] for p in r["points"]], "o-", color=color, label=label)
         right.plot(kept, [p["ideal_us"] for p in r["points"]], "--", color=color)
@@ -671,8 +742,11 @@ def run_benchmark(
     sparsities: Sequence[float],
     settings: Settings,
     progress: bool = True,
+    speedups: Sequence[float] = (),
 ) -> Dict:
-    """Decode and kernel measurements for ``model`` (unpatched on return)."""
+    """Decode and kernel measurements for ``model`` (unpatched on return):
+    alloc runs at each target ideal speed-up of ``speedups``, the other
+    methods at each of ``sparsities``."""
     kernels = default_kernels()
     shapes = model_shapes(unsparsify(model))
     gate_proj = model_layers(model)[0].mlp.gate_proj
@@ -682,16 +756,19 @@ def run_benchmark(
         if kernels is not None and not hasattr(kernels, "sparse_in_qgemv"):
             kernels = None  # no quantized kernels on this backend: no kernel rows
     dtype = gate_proj.scales.dtype if quantization else gate_proj.weight.dtype
-    configs = make_configs(methods, sparsities)
-    kernel_points = (len(set(settings.kept) | {1.0}) + 1) * len(kernel_shapes(shapes)) * settings.kernel_reps
+    configs = make_configs(methods, sparsities, speedups)
+    ratio = head_ratio(model, shapes)
+    ideal = Ideal.of(model, ratio)
+    kernel_points = (len(set(settings.kept) | {1.0}) + 1) * len(kernel_shapes(shapes, methods)) * settings.kernel_reps
     total = len(configs) * (settings.reps + 1) + (kernel_points if kernels is not None else 0)
     with tqdm(total=total, unit="run", disable=not progress) as bar:
-        decode = bench_decode(model, thresholds, prompt, configs, settings, shapes, bar, head_ratio(model, shapes))
-        kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar, quantization) if kernels else []
+        decode = bench_decode(model, thresholds, prompt, configs, settings, ideal, bar)
+        kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar, quantization, methods) if kernels else []
     return {
         "machine": machine_info(kernels),
         "model": {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype).split(".")[-1],
-                  "quantization": dataclasses.asdict(quantization) if quantization else None},
+                  "quantization": dataclasses.asdict(quantization) if quantization else None,
+                  "head_ratio": ratio},
         "settings": {**dataclasses.asdict(settings), "prompt_tokens": prompt.size},
         "decode": decode,
         "kernels": kernel_rows,
@@ -702,7 +779,7 @@ def parse_bench_methods(text: str) -> List[str]:
     """Sparse methods only: dense rows (stock and ours) are always measured."""
     methods = parse_methods(text)
     if "dense" in methods:
-        raise ChessError("--methods takes cats, chess, chess+ (the dense rows are always measured)")
+        raise ChessError("--methods takes cats, chess, chess+, teal, alloc (the dense rows are always measured)")
     return methods
 
 
@@ -733,7 +810,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-data", default=None,
                         help="Text to calibrate on when no thresholds fit (default: WikiText-2 in ../shared/data)")
     parser.add_argument("--methods", default="cats,chess,chess+", help="Comma-separated sparse methods")
-    parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
+    parser.add_argument("--sparsity", default="0.3,0.5,0.7",
+                        help="Comma-separated target sparsities (every method but alloc)")
+    parser.add_argument("--speedup", default="1.25,1.35,1.5",
+                        help="Comma-separated target ideal speed-ups of the searched allocations (method alloc)")
     parser.add_argument("--tokens", type=int, default=None, help="Timed decode steps per rep (default 64)")
     parser.add_argument("--reps", type=int, default=None, help="Interleaved repetitions of every config (default 5)")
     parser.add_argument("--kernel-reps", type=int, default=None, help="Repetitions of every kernel timing (default 10)")
@@ -756,15 +836,16 @@ def main(argv=None):
         reexec_with_openblas()
     with cli_errors("chess_mlx.bench"):
         methods, sparsities = parse_bench_methods(args.methods), parse_sparsities(args.sparsity)
+        speedups = parse_speedups(args.speedup) if "alloc" in methods else []
         settings = make_settings(args)
         check_outputs(args)
         quantization = Quantization(args.q_bits, args.q_group_size) if args.quantized else None
         model, tokenizer, label = load_model(args.model, args.dtype, quantization)
-        thresholds, source = resolve_thresholds(model, tokenizer, args, sparsities, settings)
+        thresholds, source = resolve_thresholds(model, tokenizer, args, methods, sparsities, speedups, settings)
         if quantization is not None and not is_quantized(model):
             label += ", " + quantize(model, quantization)
         prompt = prompt_ids(tokenizer, model_shapes(model).vocab, settings)
-        result = run_benchmark(model, thresholds, prompt, methods, sparsities, settings)
+        result = run_benchmark(model, thresholds, prompt, methods, sparsities, settings, speedups=speedups)
         result["model"].update(name=args.model, description=label, thresholds=source)
         machine, dense_path = result["machine"], result["decode"][1]["decode_path"]
         print(f"Model: {args.model} ({label}); thresholds {source}")

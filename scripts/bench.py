@@ -2,6 +2,7 @@
 
     python scripts/bench.py                            # SmolLM2-135M, float32
     python scripts/bench.py --model llama-1b-random --tokens 32 --reps 3
+    python scripts/bench.py --methods chess+,teal,alloc --speedup 1.25,1.5
 
 Writes results/bench-<model>.json and .png at the root of the source tree.
 Any flag of `python -m chess_mlx.bench` can be passed and overrides the

@@ -10,50 +10,81 @@ from mlx_lm.models import llama
 
 from chess_mlx import bench, costs, cpu_kernels
 from chess_mlx.calibrate import calibrate
+from chess_mlx.errors import ChessError
+from chess_mlx.sparsify import target_label
 
 TINY = llama.ModelArgs(
     model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=101,
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-METHODS, SPARSITIES = ["cats", "chess", "chess+"], [0.5, 0.7]
+METHODS, SPARSITIES, SPEEDUPS = ["cats", "chess", "chess+", "teal", "alloc"], [0.5, 0.7], [1.25, 1.5]
 
 
 @pytest.fixture(scope="module")
 def tiny_result():
     model = bench.random_model(TINY)
-    thresholds = calibrate(model, random_windows(), SPARSITIES, progress=False)
+    # As bench calibrates a model without thresholds: alloc adds the 0.1..0.9
+    # levels and a searched allocation per target speed-up.
+    thresholds = bench.calibrate_here(model, random_windows(), METHODS, SPARSITIES, SPEEDUPS, progress=False)
     prompt = mx.array(random_windows(1, 8, seed=3)[0])
-    result = bench.run_benchmark(model, thresholds, prompt, METHODS, SPARSITIES, bench.SHORT, progress=False)
+    result = bench.run_benchmark(model, thresholds, prompt, METHODS, SPARSITIES, bench.SHORT, progress=False,
+                                 speedups=SPEEDUPS)
     result["model"].update(name="tiny")
     return result
 
 
-def check_result(result: dict, methods, sparsities):
+def old_realized_ideal(shapes: costs.Shapes, sparsity: dict, head_ratio: float) -> float:
+    """The bench's formula before per-layer costs: gate, q and o pooled over layers."""
+    gate = sparsity.get("gate", 0.0)
+    skipped = {"up_proj": gate, "down_proj": gate,
+               "q_proj": sparsity.get("q_proj", 0.0), "o_proj": sparsity.get("o_proj", 0.0)}
+    return costs.skipped_speedup(shapes, skipped, head_ratio)
+
+
+def check_result(result: dict, methods, sparsities, speedups=()):
     assert {"machine", "model", "settings", "decode", "kernels"} <= result.keys()
     assert {"backend", "platform", "mlx", "blas", "cpu", "kernels"} <= result["machine"].keys()
     configs = [r["config"] for r in result["decode"]]
-    assert configs == ["mlx-lm dense", "chess_mlx dense"] + [f"{m} {s:g}" for m in methods for s in sparsities]
+    expected = [f"{m} {target_label(m, s)}" for m in methods for s in (speedups if m == "alloc" else sparsities)]
+    assert configs == ["mlx-lm dense", "chess_mlx dense"] + expected
+    shapes, head_ratio = costs.Shapes(**result["model"]["shapes"]), result["model"]["head_ratio"]
     for row in result["decode"]:
         assert row["tokens_per_s"]["median"] > 0 and min(row["tokens_per_s"]["reps"]) > 0
         assert all(0 <= v <= 1 for v in row["realized_sparsity"].values())
-        assert row["ideal_speedup"] >= 1
+        assert row["ideal_speedup"] >= 1 and row["ideal_speedup_realized"] >= 1
+        if row["method"] in ("cats", "chess", "chess+"):
+            # Per-layer costs give what the pooled formula gave for these methods.
+            assert row["ideal_speedup"] == pytest.approx(
+                costs.ideal_speedup(shapes, row["method"], row["sparsity"], head_ratio), rel=1e-9)
+            assert row["ideal_speedup_realized"] == pytest.approx(
+                old_realized_ideal(shapes, row["realized_sparsity"], head_ratio), rel=1e-6)
     sparse = [r for r in result["decode"] if r["method"] in methods]
-    assert all("gate" in r["realized_sparsity"] for r in sparse)
+    assert all("gate" in r["realized_sparsity"] for r in sparse if r["method"] in ("cats", "chess", "chess+"))
     assert all({"q_proj", "o_proj"} <= r["realized_sparsity"].keys() for r in sparse if r["method"] == "chess+")
+    for row in sparse:
+        if row["method"] == "teal":
+            assert set(row["realized_sparsity"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_in", "down_in"}
+        if row["method"] == "alloc":
+            assert row["sparsity"] is None and row["target"] == f"{row['target_speedup']:.2f}x"
+            assert row["ideal_speedup"] == pytest.approx(row["target_speedup"], abs=0.05)
 
 
 def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
     output = tmp_path / "bench.json"
     bench.write_outputs(tiny_result, str(output), None)
     result = json.loads(output.read_text())
-    check_result(result, METHODS, SPARSITIES)
+    check_result(result, METHODS, SPARSITIES, SPEEDUPS)
+    for row in result["decode"]:
+        if row["method"] == "alloc":  # what decode realizes is near what the allocation planned
+            assert row["ideal_speedup_realized"] == pytest.approx(row["target_speedup"], rel=0.1)
     if cpu_kernels.available():
         assert result["decode"][1]["decode_path"] == "CPU extension kernels"
         assert result["decode"][0]["kernel_ms_per_step"] is None  # stock mlx-lm runs no GEMVs of ours
         assert all(r["kernel_ms_per_step"] > 0 for r in result["decode"][1:])
         shapes = {(r["kernel"], r["in"], r["out"]) for r in result["kernels"]}
-        assert shapes == {("sparse_in_gemv", 64, 64), ("sparse_out_gate_gemv", 64, 96), ("sparse_in_gemv", 96, 64)}
+        assert shapes == {("sparse_in_gemv", 64, 64), ("sparse_out_gate_gemv", 64, 96), ("sparse_in_gemv", 96, 64),
+                          ("sparse_in_gemv", 64, 32), ("sparse_in_gemv", 64, 96)}  # k/v, gate/up for teal, alloc
         for row in result["kernels"]:
             assert [p["kept"] for p in row["points"]] == [0.0, 0.5, 1.0]
             assert all(p["time_us"]["median"] > 0 for p in row["points"])
@@ -64,8 +95,8 @@ def test_quantized_tiny_benchmark_runs_the_quantized_kernels():
     thresholds = calibrate(model, random_windows(), [0.5], progress=False)
     assert bench.quantize(model, bench.Quantization(4, 32)) == "4-bit, group 32"
     prompt = mx.array(random_windows(1, 8, seed=3)[0])
-    result = bench.run_benchmark(model, thresholds, prompt, ["chess+"], [0.5], bench.SHORT, progress=False)
-    check_result(result, ["chess+"], [0.5])
+    result = bench.run_benchmark(model, thresholds, prompt, ["chess+", "teal"], [0.5], bench.SHORT, progress=False)
+    check_result(result, ["chess+", "teal"], [0.5])
     assert result["model"]["quantization"] == {"bits": 4, "group_size": 32}
     if cpu_kernels.available():
         assert result["decode"][1]["decode_path"] == "CPU extension kernels"
@@ -87,6 +118,19 @@ def test_model_shapes_match_costs():
     assert bench.model_shapes(llama.Model(bench.LLAMA_1B_ARGS)) == costs.LLAMA_32_1B  # lazy: no weights made
     names = [s.projections for s in bench.kernel_shapes(costs.SMOLLM2_135M)]
     assert names == [("q_proj", "o_proj"), ("up_proj",), ("down_proj",)]
+    names = [s.projections for s in bench.kernel_shapes(costs.SMOLLM2_135M, ["chess", "teal"])]
+    assert names == [("q_proj", "o_proj"), ("k_proj", "v_proj"), ("up_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+
+
+def test_teal_and_alloc_need_a_recent_thresholds_file():
+    model = bench.random_model(TINY)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    bench.check_thresholds(thresholds, ["teal"], [0.5], [])
+    with pytest.raises(ChessError, match="no allocations"):
+        bench.check_thresholds(thresholds, ["alloc"], [0.5], [1.25])
+    thresholds.mlp_in = thresholds.down_in = None  # a file from before these inputs were calibrated
+    with pytest.raises(ChessError, match="no mlp_in, down_in"):
+        bench.check_thresholds(thresholds, ["chess", "teal"], [0.5], [])
 
 
 @pytest.mark.parametrize("kept", [0.0, 0.3, 1.0])
@@ -101,7 +145,8 @@ def test_random_model_activations_are_not_degenerate():
     assert 0.3 < logits.std().item() < 3
 
 
-@pytest.mark.parametrize("argv", [["--methods", "dense"], ["--sparsity", "1.5"], ["--tokens", "0"]])
+@pytest.mark.parametrize("argv", [["--methods", "dense"], ["--sparsity", "1.5"], ["--tokens", "0"],
+                                  ["--methods", "alloc", "--speedup", "0.9"]])
 def test_cli_rejects_bad_flags_before_loading(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
