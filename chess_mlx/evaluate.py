@@ -419,7 +419,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Perplexity and multiple-choice accuracy, dense and sparsified.")
     add_model_args(parser)
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
-    parser.add_argument("--methods", default="dense,cats,chess,chess+",
+    parser.add_argument("--methods", default="dense,cats,chess,chess+,teal,alloc",
                         help=f"Comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--sparsity", default="0.3,0.5,0.7", help="Comma-separated target sparsities")
     parser.add_argument("--speedup", default="1.25,1.35,1.5",

@@ -10,7 +10,7 @@ Importing this module registers the model with lm-eval:
     import lm_eval, chess_mlx.lm_eval_adapter
     lm_eval.simple_evaluate(model="chess_mlx", model_args="method=chess,sparsity=0.5", tasks=["piqa"])
 
-Model args: ``model``, ``dtype``, ``thresholds``, ``method``, ``sparsity``,
+Model args: ``model``, ``dtype``, ``thresholds``, ``method``, ``sparsity``, ``speedup`` (alloc),
 ``batch_size``, ``max_length``. Multiple-choice scoring is chess_mlx.evaluate's;
 lm-eval downloads its task data (online).
 """
@@ -31,14 +31,10 @@ from mlx_lm.generate import generate_step
 from tqdm import tqdm
 
 from .blas import reexec_with_openblas
-from .calibrate import parse_sparsities
-from .evaluate import (
-    configurations,
-    loglikelihoods,
-    score_continuations,
-    start_tokens,
-)
-from .sparsify import SparsityTracker, format_sparsity, parse_methods, sparsify, track_sparsity, unsparsify
+from .calibrate import parse_speedups, parse_sparsities
+from .evaluate import loglikelihoods, score_continuations, start_tokens
+from .sparsify import (SparsityTracker, configurations, format_sparsity, parse_methods, sparsify, target_label,
+                       track_sparsity, unsparsify)
 from .thresholds import Thresholds, check_destination
 from .utils import add_model_args, cli_errors, load, resolve_thresholds
 
@@ -55,6 +51,7 @@ class ChessLM(LM):
         thresholds=None,
         method: str = "chess",
         sparsity: float = 0.5,
+        speedup: float = 1.35,
         dtype: Optional[str] = None,
         batch_size=8,
         max_length: int = 2048,
@@ -69,7 +66,7 @@ class ChessLM(LM):
         else:
             if not isinstance(thresholds, Thresholds):
                 thresholds = resolve_thresholds(model, thresholds, [method])
-            sparsify(model, thresholds, method, float(sparsity))
+            sparsify(model, thresholds, method, float(speedup if method == "alloc" else sparsity))
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length)
@@ -139,6 +136,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
     parser.add_argument("--methods", default="dense,cats,chess,chess+", help="Comma-separated methods")
     parser.add_argument("--sparsity", default="0.5", help="Comma-separated target sparsities")
+    parser.add_argument("--speedup", default="1.35",
+                        help="Comma-separated target ideal speed-ups of searched allocations (method alloc)")
     parser.add_argument("--tasks", required=True, help="Comma-separated lm-eval task names")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N examples of each task")
     parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task's)")
@@ -155,21 +154,22 @@ def main(argv=None):
         reexec_with_openblas()
     with cli_errors("chess_mlx.lm_eval_adapter"):
         methods, sparsities = parse_methods(args.methods), parse_sparsities(args.sparsity)
+        speedups = parse_speedups(args.speedup)
         if args.output:
             check_destination(args.output)
         model, tokenizer, name = load(args.model, args.dtype)
         thresholds = resolve_thresholds(model, args.thresholds, methods)
         task_manager = TaskManager(include_path=args.include_path)
         rows = []
-        for method, sparsity in configurations(methods, sparsities):
-            lm = ChessLM(model, thresholds, method, sparsity, tokenizer=tokenizer,
+        for method, setting in configurations(methods, sparsities, speedups):
+            lm = ChessLM(model, thresholds, method, setting, speedup=setting, tokenizer=tokenizer,
                          batch_size=args.batch_size, max_length=args.max_length)
             results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), limit=args.limit,
                                               num_fewshot=args.num_fewshot, task_manager=task_manager)
             realized = lm.realized_sparsity()
-            print(f"{name} | {method} {sparsity:g} | realized sparsity: {format_sparsity(realized)}")
+            print(f"{name} | {method} {target_label(method, setting)} | realized sparsity: {format_sparsity(realized)}")
             print(make_table(results), flush=True)
-            rows.append({"method": method, "sparsity": sparsity, "results": results["results"],
+            rows.append({"method": method, "target": target_label(method, setting), "results": results["results"],
                          "realized_sparsity": realized})
         unsparsify(model)
         if args.output:
