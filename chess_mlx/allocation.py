@@ -10,14 +10,19 @@ each per layer:
    calibration activations: starting dense, repeatedly raise the one
    component whose next level adds the least output error per weight byte
    saved, recording the path.
-2. Across blocks, spend the byte budget of the target speed-up where it costs
-   least: each block's path (its lower convex hull) is a list of moves of
-   increasing error per byte; take the cheapest moves over all blocks until
-   the skipped bytes reach the budget.
+2. Across blocks, the byte budget of the target speed-up is spread either
+   evenly (``even``, the default and TEAL's choice: every block skips the
+   same share of its own weights, at the point of its path that gets there)
+   or where it costs least (``global``: each block's path, on its lower
+   convex hull, is a list of moves of increasing error per byte; the
+   cheapest moves over all blocks are taken until the budget is reached).
 
 A block's error is the squared change of what it adds to the residual stream
-over the squared norm of the residual stream entering it, so blocks of every
-depth are comparable. Activations entering each block are the dense model's.
+over the squared norm of the residual stream entering it, so that ``global``
+compares blocks of every depth. Activations entering each block are the
+dense model's. On SmolLM2-135M, ``global`` lost to uniform input thresholds
+(teal) at equal speed-up: a block's own error misjudges how much later
+blocks amplify it.
 """
 
 import argparse
@@ -39,6 +44,7 @@ from .utils import add_model_args, cli_errors, load_from_args
 
 ATTENTION_PARTS = ("attn_in", "o_in")
 MLP_PARTS = ("mlp_in", "gate", "down_in")
+BLOCK_PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 @dataclass
@@ -245,18 +251,46 @@ def allocate_budget(hulls: Sequence[List[Tuple[float, float, dict]]], budget: fl
     return position
 
 
+def even_allocation(
+    paths: Sequence[List[Tuple[float, float, dict]]], sizes: Sequence[float], budget: float
+) -> List[int]:
+    """Index into each block's greedy path so that every block skips the same
+    fraction of its own weights (TEAL's uniform block sparsity), the smallest
+    fraction whose skipped weights reach ``budget``."""
+
+    def positions(fraction: float) -> List[int]:
+        return [max(k for k, point in enumerate(path) if point[0] <= fraction * size * (1 + 1e-9))
+                for path, size in zip(paths, sizes)]
+
+    fractions = sorted({point[0] / size for path, size in zip(paths, sizes) for point in path})
+    for fraction in fractions:
+        position = positions(fraction)
+        if sum(path[k][0] for path, k in zip(paths, position)) >= budget:
+            return position
+    return positions(1.0)
+
+
+STRATEGIES = ("even", "global")
+
+
 def search_allocations(
     model: nn.Module,
     thresholds: Thresholds,
     windows: Sequence[Sequence[int]],
     speedups: Sequence[float],
     progress: bool = True,
+    strategy: str = "even",
 ) -> Thresholds:
     """``thresholds`` with the allocations for each target ideal speed-up added.
 
     ``thresholds`` must hold every component's thresholds (a calibration
     from this version); its sparsities are the levels the search may pick.
+    ``strategy`` spreads the budget over blocks: ``even`` (every block skips
+    the same share of its weights, as TEAL) or ``global`` (the cheapest
+    error per weight over all blocks).
     """
+    if strategy not in STRATEGIES:
+        raise ChessError(f"unknown allocation strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     thresholds.require("mlp_in", "down_in")
     for s in speedups:
         if s <= 1:
@@ -266,30 +300,35 @@ def search_allocations(
     total = sum(sum(p.values()) for p in layer_params) + head
     grid = [0.0] + [float(s) for s in thresholds.sparsities]
     records = record_blocks(model, windows, progress)
-    hulls, owners = [], []
+    paths, sizes, owners = [], [], []
     blocks = [(i, kind) for i in range(len(layer_params)) for kind in ("attn", "mlp")]
     for i, kind in tqdm(blocks, desc="allocation: greedy search", unit="block", disable=not progress):
         probe = BlockProbe(model, i, kind, records[i][kind], thresholds)
         parts = ATTENTION_PARTS if kind == "attn" else MLP_PARTS
         path = greedy_path(probe.error, parts, grid, lambda levels: skipped_params(layer_params[i], levels))
-        hulls.append(lower_hull(path))
+        paths.append(path if strategy == "even" else lower_hull(path))
+        sizes.append(sum(n for p, n in layer_params[i].items() if (p in BLOCK_PROJECTIONS[kind])))
         owners.append(i)
         records[i][kind] = None  # free the activations as we go
     allocations, predicted = [], []
     for target in speedups:
         budget = total * (1 - 1 / target)
-        position = allocate_budget(hulls, budget)
+        if strategy == "even":
+            position = even_allocation(paths, sizes, budget)
+        else:
+            position = allocate_budget(paths, budget)
         allocation = np.zeros((len(layer_params), len(ALLOCATED)), dtype=np.float32)
-        for hull, i, pos in zip(hulls, owners, position):
-            for part, level in hull[pos][2].items():
+        for path, i, pos in zip(paths, owners, position):
+            for part, level in path[pos][2].items():
                 allocation[i, ALLOCATED.index(part)] = level
         allocations.append(allocation)
         predicted.append(allocation_speedup(allocation, layer_params, head))
     thresholds.allocation_speedups = np.array(speedups, dtype=np.float32)
     thresholds.allocation_predicted = np.array(predicted, dtype=np.float32)
     thresholds.allocations = np.stack(allocations)
+    spread = "the same share of each block's weights" if strategy == "even" else "global by error per weight"
     thresholds.metadata["allocation"] = (
-        f"greedy block-wise (TEAL) then global by error per weight; {sum(len(w) for w in windows)} tokens"
+        f"greedy block-wise (TEAL), then {spread}; {sum(len(w) for w in windows)} tokens"
     )
     return thresholds
 
@@ -303,6 +342,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. ':30'")
     parser.add_argument("--tokens", type=int, default=2048, help="Tokens for the search")
     parser.add_argument("--speedup", default="1.25,1.35,1.5", help="Comma-separated target ideal speed-ups")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="even",
+                        help="Spread the budget evenly over blocks (TEAL) or by the cheapest error per weight")
     parser.add_argument("--out", required=True, help="Output thresholds file (may be --thresholds itself)")
     return parser
 
@@ -323,7 +364,7 @@ def main(argv=None):
         model, tokenizer, _ = load_from_args(args)
         thresholds.validate(model)
         windows = first_tokens(token_windows(documents, tokenizer, 2048, args.tokens), args.tokens)
-        search_allocations(model, thresholds, windows, speedups)
+        search_allocations(model, thresholds, windows, speedups, strategy=args.strategy)
         thresholds.save(args.out)
         for target, predicted in zip(speedups, thresholds.allocation_predicted):
             print(f"allocation for {target:g}x: ideal speed-up {predicted:.3f}x")

@@ -7,7 +7,8 @@ from conftest import MODELS, ByteTokenizer, random_windows, tiny_llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from chess_mlx import cpu_kernels
-from chess_mlx.allocation import BlockProbe, allocate_budget, greedy_path, lower_hull, record_blocks, search_allocations
+from chess_mlx.allocation import (BlockProbe, allocate_budget, even_allocation, greedy_path, lower_hull, record_blocks,
+                                  search_allocations)
 from chess_mlx.calibrate import calibrate, first_tokens
 from chess_mlx.costs import allocation_speedup, model_params, projection_sparsity, skipped_params
 from chess_mlx.errors import ChessError
@@ -61,6 +62,28 @@ def test_lower_hull_and_budget_take_the_cheapest_moves():
     assert allocate_budget([cheap, dear], 3) == [2, 0]
     assert allocate_budget([cheap, dear], 4) == [2, 1]
     assert allocate_budget([cheap, dear], 99) == [2, 2]
+
+
+def test_even_allocation_gives_every_block_the_same_share():
+    small = [(0, 0, "s0"), (1, 5, "s1"), (2, 9, "s2")]  # a block of 4 weights
+    large = [(0, 0, "l0"), (3, 1, "l1"), (4, 2, "l2"), (6, 3, "l3")]  # a block of 8
+    sizes = [4, 8]
+    assert even_allocation([small, large], sizes, 1) == [1, 0]  # a quarter of each, however dear
+    assert even_allocation([small, large], sizes, 3) == [1, 1]  # 3/8 of the large one
+    assert even_allocation([small, large], sizes, 5) == [2, 2]
+    assert even_allocation([small, large], sizes, 99) == [2, 3]
+
+
+@pytest.mark.parametrize("strategy", ["even", "global"])
+def test_both_strategies_hit_the_target(strategy):
+    mx.random.seed(2)
+    model = tiny_llama()
+    thresholds = calibrate(model, random_windows(), GRID, progress=False)
+    search_allocations(model, thresholds, random_windows(1, 40, seed=3), [1.3], progress=False, strategy=strategy)
+    assert 1.3 <= thresholds.allocation_predicted[0] < 1.36
+    assert strategy in thresholds.metadata["allocation"] or "same share" in thresholds.metadata["allocation"]
+    with pytest.raises(ChessError, match="unknown allocation strategy"):
+        search_allocations(model, thresholds, random_windows(1, 40), [1.3], strategy="random")
 
 
 def test_search_hits_the_target_speedups(searched):
