@@ -128,7 +128,7 @@ def skipped_params(params: Dict[str, int], levels: Dict[str, float]) -> float:
 
 
 def speedup_for(skipped: float, total: float) -> float:
-    return total / (total - skipped)
+    return float(total / (total - skipped))
 
 
 def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int) -> float:
@@ -142,7 +142,7 @@ def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, 
 def layers_speedup(layer_params: Sequence[Dict[str, int]], head: int, sparsity: Sequence[Dict[str, float]]) -> float:
     """The ideal speed-up when layer i skips ``sparsity[i][p]`` of projection p."""
     total = sum(sum(p.values()) for p in layer_params) + head
-    skipped = sum(params[p] * s.get(p, 0.0) for params, s in zip(layer_params, sparsity) for p in params)
+    skipped = sum(params[p] * float(s.get(p, 0.0)) for params, s in zip(layer_params, sparsity) for p in params)
     return speedup_for(skipped, total)
 
 

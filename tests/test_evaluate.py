@@ -371,8 +371,10 @@ def test_teal_and_searched_allocation_rows(llama, tmp_path):
     layers = sum(sum(p.values()) for p in layer_params)
     assert teal["ideal_speedup"] == pytest.approx(1 / (1 - 0.3 * layers / (layers + head)))
     for row, target in zip(rows[2:], [1.2, 1.4]):
-        assert row["ideal_speedup"] == pytest.approx(target, abs=0.03)
+        # the tiny model's three layers make coarse steps: the budget is met with some overshoot
+        assert target <= row["ideal_speedup"] < target + 0.1
         assert row["ideal_speedup_realized"] == pytest.approx(row["ideal_speedup"], rel=0.1)
         assert row["perplexity"]["ppl"] >= rows[0]["perplexity"]["ppl"] * 0.95
+    json.dumps(rows)  # plain Python numbers only
     table = at_equal_speedup(rows, [1.1, 5.0])
     assert "ppl" in table[0]["alloc"] and table[1]["alloc"] == {}
