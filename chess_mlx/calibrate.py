@@ -195,15 +195,20 @@ def calibrate(
     )
 
 
-def parse_sparsities(text: str) -> List[float]:
+def parse_numbers(text: str, flag: str) -> List[float]:
+    """Comma-separated numbers, sorted, duplicates dropped."""
     try:
-        values = [float(s) for s in text.split(",") if s.strip()]
+        return sorted({float(s) for s in text.split(",") if s.strip()})
     except ValueError:
-        raise ChessError(f"--sparsity expects comma-separated numbers, got '{text}'") from None
+        raise ChessError(f"{flag} expects comma-separated numbers, got '{text}'") from None
+
+
+def parse_sparsities(text: str) -> List[float]:
+    values = parse_numbers(text, "--sparsity")
     for s in values:
         if not 0 < s < 1:
             raise ChessError(f"sparsity must be in (0, 1) for calibration, got {s:g}")
-    return sorted(set(values))
+    return values
 
 
 def first_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 512) -> List[List[int]]:
@@ -221,14 +226,11 @@ def first_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 512
 
 def parse_speedups(text: str) -> List[float]:
     """Comma-separated target ideal speed-ups, each above 1."""
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ChessError(f"--speedup expects comma-separated numbers, got '{text}'") from None
+    values = parse_numbers(text, "--speedup")
     for s in values:
         if not s > 1:
             raise ChessError(f"target speed-ups must be above 1, got {s:g}")
-    return sorted(set(values))
+    return values
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

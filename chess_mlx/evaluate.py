@@ -318,12 +318,12 @@ EQUAL_SPARSITY_TITLE = ("At equal realized gate sparsity (each method interpolat
                         "at cats' realized sparsities; perplexity, mean acc_norm in brackets)")
 
 
-def equal_sparsity_markdown(table: Sequence[dict]) -> str:
-    """Perplexity (and mean acc_norm) per method at equal realized gate sparsity."""
+def comparison_markdown(table: Sequence[dict], key: str, heading: str, label: Callable[[float], str]) -> str:
+    """Perplexity (and mean acc_norm) per method, a row per ``entry[key]``."""
     if not table:
         return ""
-    methods = [k for k in table[0] if k != "realized_gate_sparsity"]
-    lines = ["| realized gate sparsity | " + " | ".join(methods) + " |",
+    methods = [k for k in table[0] if k != key]
+    lines = [f"| {heading} | " + " | ".join(methods) + " |",
              "|" + "|".join(" --- " for _ in range(len(methods) + 1)) + "|"]
     for entry in table:
         cells = []
@@ -333,8 +333,13 @@ def equal_sparsity_markdown(table: Sequence[dict]) -> str:
             if "mean_acc_norm" in v:
                 cell += f" ({100 * v['mean_acc_norm']:.1f})"
             cells.append(cell)
-        lines.append(f"| {entry['realized_gate_sparsity']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(entry[key])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def equal_sparsity_markdown(table: Sequence[dict]) -> str:
+    """Perplexity (and mean acc_norm) per method at equal realized gate sparsity."""
+    return comparison_markdown(table, "realized_gate_sparsity", "realized gate sparsity", lambda x: f"{x:.3f}")
 
 
 def at_equal_speedup(rows: Sequence[dict], speedups: Sequence[float]) -> List[dict]:
@@ -366,21 +371,8 @@ EQUAL_SPEEDUP_TITLE = ("At equal ideal speed-up (for the realized sparsity; each
 
 
 def equal_speedup_markdown(table: Sequence[dict]) -> str:
-    if not table:
-        return ""
-    methods = [k for k in table[0] if k != "ideal_speedup"]
-    lines = ["| ideal speed-up | " + " | ".join(methods) + " |",
-             "|" + "|".join(" --- " for _ in range(len(methods) + 1)) + "|"]
-    for entry in table:
-        cells = []
-        for method in methods:
-            v = entry[method]
-            cell = f"{v['ppl']:.2f}" if "ppl" in v else "-"
-            if "mean_acc_norm" in v:
-                cell += f" ({100 * v['mean_acc_norm']:.1f})"
-            cells.append(cell)
-        lines.append(f"| {entry['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Perplexity (and mean acc_norm) per method at equal ideal speed-up."""
+    return comparison_markdown(table, "ideal_speedup", "ideal speed-up", lambda x: f"{x:.2f}x")
 
 
 def plot_quality(rows: Sequence[dict], path: str):
