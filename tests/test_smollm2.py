@@ -46,7 +46,9 @@ def test_shipped_thresholds_fit_default_model(smollm2):
     model, _, _ = smollm2
     shipped = shipped_thresholds(model)
     assert shipped is not None
-    assert list(shipped.sparsities) == pytest.approx([0.3, 0.5, 0.7])
+    assert list(shipped.sparsities) == pytest.approx([i / 10 for i in range(1, 10)])
+    assert list(shipped.allocation_speedups) == pytest.approx([1.25, 1.35, 1.5])
+    assert all(abs(p - s) < 0.02 for p, s in zip(shipped.allocation_predicted, shipped.allocation_speedups))
     assert "wikitext-2-valid.txt documents[:30]" in shipped.metadata["data"]
 
 
@@ -63,7 +65,8 @@ def test_generate_cli_answers_with_sparsity():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sparsity", "0.4"], "sparsity 0.4 was not calibrated (available: 0, 0.3, 0.5, 0.7)"),
+    (["--sparsity", "0.45"], "sparsity 0.45 was not calibrated (available: 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7"),
+    (["--method", "alloc", "--speedup", "1.3"], "no allocation was searched for speed-up 1.3 (available: 1.25, 1.35, 1.5)"),
     (["--sparsity", "1.5"], "sparsity must be in [0, 1), got 1.5"),
     (["--thresholds", "missing.safetensors"], "thresholds file 'missing.safetensors' not found"),
     (["--model", "missing.gguf"], "missing.gguf"),
