@@ -284,6 +284,8 @@ class SparseMLP(nn.Module):
         self.tau = plan.gate if plan.gate is not None else mx.zeros((1,))
         self.tau_in = plan.mlp_in
         self.tau_down = plan.down_in
+        # The kernel also skips the exact zeros the gate mask leaves.
+        self._tau_down_kernel = NONZERO if plan.down_in is None else mx.maximum(plan.down_in, NONZERO)
         self._has_gate = plan.gate is not None
         self._up_from_mask = self._has_gate and plan.up_from_mask
         self._activation = activation
@@ -352,12 +354,9 @@ class SparseMLP(nn.Module):
             tau_in = 0.0 if self.tau_in is None else self.tau_in
             up_out = add_bias(up.sparse_gemv(self._kernels, x, tau_in), up)
             hidden = self._masked_gate(gate.reshape(shape)) * up_out.reshape(shape)
-        if self.tau_down is None:
-            tau_down = NONZERO
-        else:
+        if self.tau_down is not None:
             self._track("down_in", keep_mask(hidden, self.tau_down))
-            tau_down = mx.maximum(self.tau_down, NONZERO)
-        y = down.sparse_gemv(self._kernels, hidden, tau_down)
+        y = down.sparse_gemv(self._kernels, hidden, self._tau_down_kernel)
         return add_bias(y, down).reshape(shape)
 
     def restore(self) -> nn.Module:
