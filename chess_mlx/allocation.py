@@ -307,7 +307,7 @@ def search_allocations(
         parts = ATTENTION_PARTS if kind == "attn" else MLP_PARTS
         path = greedy_path(probe.error, parts, grid, lambda levels: skipped_params(layer_params[i], levels))
         paths.append(path if strategy == "even" else lower_hull(path))
-        sizes.append(sum(n for p, n in layer_params[i].items() if (p in BLOCK_PROJECTIONS[kind])))
+        sizes.append(sum(layer_params[i][p] for p in BLOCK_PROJECTIONS[kind]))
         owners.append(i)
         records[i][kind] = None  # free the activations as we go
     allocations, predicted = [], []

@@ -219,7 +219,7 @@ def evaluate(
             sparsify(model, thresholds, method, setting)
         row = {"method": method, "target": target_label(method, setting),
                "sparsity": None if method == "alloc" else setting}
-        planned = planned_sparsity(thresholds, method, setting, len(layer_params)) if method != "dense" else []
+        planned = planned_sparsity(thresholds, method, setting, len(layer_params))
         row["ideal_speedup"] = layers_speedup(layer_params, head, planned)
         per_layer = None
         if windows is not None:
@@ -296,22 +296,29 @@ def at_equal_sparsity(rows: Sequence[dict], reference: str = "cats") -> List[dic
     methods are also compared where they really drop the same share."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m in ("cats", "chess", "chess+")]
     own = {m: [r for r in rows if r["method"] == m] for m in methods}
-    metrics = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
-               "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
     table = []
     for ref in own.get(reference, []):
         x = gate_sparsity(ref)
         entry = {"realized_gate_sparsity": x}
-        for method in methods:
-            values = {}
-            for name, value in metrics.items():
-                points = [(gate_sparsity(r), value(r)) for r in own[method] if value(r) is not None]
-                y = interpolate(points, x)
-                if y is not None:
-                    values[name] = math.exp(y) if name == "ppl" else y
-            entry[method] = values
+        entry.update({method: quality_at(own[method], gate_sparsity, x) for method in methods})
         table.append(entry)
     return table
+
+
+QUALITY = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
+           "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
+
+
+def quality_at(rows: Sequence[dict], position: Callable[[dict], float], x: float) -> Dict[str, float]:
+    """Perplexity and mean acc_norm at ``x``, interpolated between ``rows``
+    placed at ``position(row)`` (log-perplexity linear); a metric out of the
+    rows' range is left out."""
+    values = {}
+    for name, value in QUALITY.items():
+        y = interpolate([(position(r), value(r)) for r in rows if value(r) is not None], x)
+        if y is not None:
+            values[name] = math.exp(y) if name == "ppl" else y
+    return values
 
 
 EQUAL_SPARSITY_TITLE = ("At equal realized gate sparsity (each method interpolated between its own rows "
@@ -348,20 +355,11 @@ def at_equal_speedup(rows: Sequence[dict], speedups: Sequence[float]) -> List[di
     judged by the quality they keep for the speed they buy."""
     dense = [r for r in rows if r["method"] == "dense"]
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
-    metrics = {"ppl": lambda r: math.log(r["perplexity"]["ppl"]) if "perplexity" in r else None,
-               "mean_acc_norm": lambda r: r.get("mean_acc_norm")}
+    own = {m: dense + [r for r in rows if r["method"] == m] for m in methods}
     table = []
     for speedup in speedups:
         entry = {"ideal_speedup": speedup}
-        for method in methods:
-            values = {}
-            for name, value in metrics.items():
-                own = dense + [r for r in rows if r["method"] == method]
-                points = [(r["ideal_speedup_realized"], value(r)) for r in own if value(r) is not None]
-                y = interpolate(points, speedup)
-                if y is not None:
-                    values[name] = math.exp(y) if name == "ppl" else y
-            entry[method] = values
+        entry.update({m: quality_at(own[m], lambda r: r["ideal_speedup_realized"], speedup) for m in methods})
         table.append(entry)
     return table
 

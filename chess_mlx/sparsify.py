@@ -306,8 +306,10 @@ class SparseMLP(nn.Module):
             # vmmsp has no bias term: an up_proj bias (rare) keeps the reference path.
             up_ready = (type(up) is nn.Linear or quantized_ready(up, kernels)) and "bias" not in up
         else:
-            up_ready = kernel_ready(up, kernels) and (self.tau_in is None or kernel_ready(self.dense.gate_proj, kernels))
-        return up_ready and kernel_ready(self.dense.down_proj, kernels)
+            up_ready = kernel_ready(up, kernels)
+        # A thresholded MLP input decodes gate_proj through the input-sparse GEMV.
+        gate_ready = self.tau_in is None or kernel_ready(self.dense.gate_proj, kernels)
+        return up_ready and gate_ready and kernel_ready(self.dense.down_proj, kernels)
 
     def _track(self, kind: str, keep: mx.array):
         if self._tracker is not None:

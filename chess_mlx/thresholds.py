@@ -156,9 +156,8 @@ class Thresholds:
 
     def select(self, method: str, sparsity: float) -> Dict[str, List[mx.array]]:
         """Per-layer thresholds for ``method`` at ``sparsity`` (0 keeps everything)."""
-        num_layers = self.up_stat.shape[0]
         if sparsity == 0:
-            zero = [mx.zeros((1,)) for _ in range(num_layers)]
+            zero = [mx.zeros((1,)) for _ in range(self.num_layers)]
             return {"gate": zero, "q_proj": zero, "o_proj": zero}
         s = self.sparsity_index(sparsity)
         gate = getattr(self, GATE_KEY[method])
