@@ -362,6 +362,7 @@ def main(argv=None):
         thresholds = load_thresholds(args.thresholds)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, _ = load_from_args(args)
+        model_layers(model)  # an unsupported architecture fails here, in one line
         thresholds.validate(model)
         windows = first_tokens(token_windows(documents, tokenizer, 2048, args.tokens), args.tokens)
         search_allocations(model, thresholds, windows, speedups, strategy=args.strategy)

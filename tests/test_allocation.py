@@ -223,3 +223,25 @@ def test_cli_searches_an_existing_file(searched, tmp_path, monkeypatch, capsys):
         allocation_module.main(["--thresholds", str(source), "--data", str(text), "--speedup", "0.9",
                                 "--out", str(out)])
     assert "target speed-ups must be above 1" in capsys.readouterr().err
+
+
+def test_cli_reports_an_unsupported_architecture(tmp_path, monkeypatch, capsys, searched):
+    from mlx_lm.models import gpt2
+
+    from chess_mlx import allocation as allocation_module
+
+    _, thresholds = searched
+    source = tmp_path / "t.safetensors"
+    thresholds.save(str(source))
+    args = gpt2.ModelArgs(model_type="gpt2", n_ctx=64, n_embd=32, n_head=2, n_layer=1, n_positions=64,
+                          layer_norm_epsilon=1e-5, vocab_size=101)
+    monkeypatch.setattr(allocation_module, "load_from_args", lambda _: (gpt2.Model(args), ByteTokenizer(), "gpt2"))
+    text = tmp_path / "text.txt"
+    text.write_text("Some words. " * 40)
+    with pytest.raises(SystemExit) as exit_info:
+        allocation_module.main(["--thresholds", str(source), "--data", str(text), "--out", str(tmp_path / "o.st")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "chess_mlx.allocation: error: unsupported model type 'gpt2' (supported: gemma, gemma2, gemma3, "
+        "gemma3_text, llama, mistral, qwen2, qwen3)")
+    assert not (tmp_path / "o.st").exists()
