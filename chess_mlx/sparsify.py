@@ -315,6 +315,11 @@ class SparseMLP(nn.Module):
         if self._tracker is not None:
             self._tracker.add(f"{self._name}.{kind}", keep)  # e.g. layers.3.gate
 
+    def _track_decode(self, kind: str, x: mx.array, tau: mx.array):
+        """The kernels threshold internally; the mask is built only to be counted."""
+        if self._tracker is not None:
+            self._tracker.add(f"{self._name}.{kind}", keep_mask(x, tau))
+
     def __call__(self, x: mx.array) -> mx.array:
         if self._kernels is not None and is_decode(x):
             return self._decode(x)
@@ -347,17 +352,17 @@ class SparseMLP(nn.Module):
         if self.tau_in is None:
             gate = self._activation(gate_proj(x))
         else:
-            self._track("mlp_in", keep_mask(x, self.tau_in))
+            self._track_decode("mlp_in", x, self.tau_in)
             gate = self._activation(add_bias(gate_proj.sparse_gemv(self._kernels, x, self.tau_in), gate_proj))
         if self._up_from_mask:
-            self._track("gate", keep_mask(gate, self.tau))
+            self._track_decode("gate", gate, self.tau)
             hidden = out_gemv(self._kernels, x, up, gate, self.tau)
         else:
             tau_in = 0.0 if self.tau_in is None else self.tau_in
             up_out = add_bias(up.sparse_gemv(self._kernels, x, tau_in), up)
             hidden = self._masked_gate(gate.reshape(shape)) * up_out.reshape(shape)
         if self.tau_down is not None:
-            self._track("down_in", keep_mask(hidden, self.tau_down))
+            self._track_decode("down_in", hidden, self.tau_down)
         y = down.sparse_gemv(self._kernels, hidden, self._tau_down_kernel)
         return add_bias(y, down).reshape(shape)
 
@@ -382,13 +387,12 @@ class InputSparseLinear(nn.Module):
         self._kernels = kernels if ready else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        keep = keep_mask(x, self.tau)
         if self._tracker is not None:
-            self._tracker.add(self._name, keep)
+            self._tracker.add(self._name, keep_mask(x, self.tau))
         if self._kernels is not None and is_decode(x):
             y = self.dense.sparse_gemv(self._kernels, x, self.tau)
             return add_bias(y, self.dense).reshape(*x.shape[:-1], -1)
-        return self.dense(mx.where(keep, x, 0))
+        return self.dense(mx.where(keep_mask(x, self.tau), x, 0))
 
     def restore(self) -> nn.Module:
         if isinstance(self.dense, INPUT_MAJOR):
