@@ -19,7 +19,8 @@ from conftest import WIKITEXT
 import chess_mlx.gguf as cg
 from chess_mlx.errors import ChessError
 from chess_mlx.gguf import convert_gguf, load_gguf
-from chess_mlx.utils import load
+from chess_mlx.sparsify import sparsify, track_sparsity, unsparsify
+from chess_mlx.utils import load, shipped_thresholds
 
 # A SentencePiece vocab as llama.cpp writes Gemma's: control tokens, newline
 # and space runs as user-defined tokens, byte fallback, then normal pieces.
@@ -274,3 +275,30 @@ def test_gemma_perplexity(gemma):
     logits = model(ids[:, :-1]).astype(mx.float32)
     ppl = math.exp(nn.losses.cross_entropy(logits, ids[:, 1:]).mean().item())
     assert ppl < 50
+
+
+@pytest.mark.slow
+def test_gemma_shipped_thresholds(gemma):
+    # The package ships Gemma's thresholds: they must be found for this model
+    # and keep the sparsified model close to the dense one.
+    if not WIKITEXT.exists():
+        pytest.skip(f"{WIKITEXT.name} not available")
+    model, tok = gemma
+    thresholds = shipped_thresholds(model)
+    assert thresholds is not None and "Gemma-3-270M" in thresholds.metadata["model"]
+    ids = mx.array([tok.encode(WIKITEXT.read_text(encoding="utf-8")[:2000])[:128]])
+
+    def ppl():
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        return math.exp(nn.losses.cross_entropy(logits, ids[:, 1:]).mean().item())
+
+    dense = ppl()
+    try:
+        sparsify(model, thresholds, "chess", 0.3, kernels=None)
+        with track_sparsity(model) as tracker:
+            assert ppl() < 1.3 * dense
+        assert tracker.summary()["gate"] == pytest.approx(0.3, abs=0.1)
+        sparsify(model, thresholds, "alloc", 1.1, kernels=None)
+        assert ppl() < 1.3 * dense
+    finally:
+        unsparsify(model)
