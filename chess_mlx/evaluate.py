@@ -244,15 +244,16 @@ def evaluate(
     return rows
 
 
-def table_cells(row: dict, task_names: Sequence[str]) -> List[str]:
+def table_cells(row: dict, task_names: Sequence[str], has_ppl: bool = True) -> List[str]:
+    """A row's cells; what it did not measure (merged runs) shows as '-'."""
     cells = [row["method"], row["target"], f"{row['ideal_speedup']:.2f}x", f"{row['ideal_speedup_realized']:.2f}x"]
-    if "perplexity" in row:
-        cells.append(f"{row['perplexity']['ppl']:.3f}")
+    if has_ppl:
+        cells.append(f"{row['perplexity']['ppl']:.3f}" if "perplexity" in row else "-")
     for name in task_names:
-        t = row["tasks"][name]
-        cells.append(f"{100 * t['acc_norm']:.1f} ± {100 * t['acc_norm_stderr']:.1f}")
+        t = row.get("tasks", {}).get(name)
+        cells.append(f"{100 * t['acc_norm']:.1f} ± {100 * t['acc_norm_stderr']:.1f}" if t else "-")
     if task_names:
-        cells.append(f"{100 * row['mean_acc_norm']:.1f}")
+        cells.append(f"{100 * row['mean_acc_norm']:.1f}" if "mean_acc_norm" in row else "-")
     cells.append(format_sparsity(row["realized_sparsity"]))
     return cells
 
@@ -270,9 +271,10 @@ def text_line(cells: Sequence[str], widths: Sequence[int]) -> str:
 def markdown_table(rows: Sequence[dict], task_names: Sequence[str]) -> str:
     """Rows method x target; tasks show acc_norm in percent ± standard error;
     ideal speed-ups for the targeted and for the realized sparsity."""
-    header = table_header("perplexity" in rows[0], task_names)
+    has_ppl = any("perplexity" in row for row in rows)
+    header = table_header(has_ppl, task_names)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(table_cells(row, task_names)) + " |" for row in rows]
+    lines += ["| " + " | ".join(table_cells(row, task_names, has_ppl)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -381,15 +383,15 @@ def plot_quality(rows: Sequence[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = []
-    if "perplexity" in rows[0]:
-        metrics.append(("perplexity", lambda r: r["perplexity"]["ppl"]))
-    if "mean_acc_norm" in rows[0]:
-        metrics.append(("mean acc_norm", lambda r: r["mean_acc_norm"]))
+    # Merged runs (scripts/frontier.py) may have tasks on some rows only.
+    metrics = [(label, key, value) for label, key, value in (
+        ("perplexity", "perplexity", lambda r: r["perplexity"]["ppl"]),
+        ("mean acc_norm", "mean_acc_norm", lambda r: r["mean_acc_norm"]),
+    ) if any(key in r for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, (label, value) in zip(axes[0], metrics):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = [(r["ideal_speedup_realized"], value(r)) for r in rows if r["method"] == method]
+    for ax, (label, key, value) in zip(axes[0], metrics):
+        for method in dict.fromkeys(r["method"] for r in rows if key in r):
+            points = [(r["ideal_speedup_realized"], value(r)) for r in rows if r["method"] == method and key in r]
             if method == "dense":
                 ax.axhline(points[0][1], color="gray", linestyle=":", label="dense")
             else:

@@ -19,6 +19,22 @@ from chess_mlx.evaluate import (
 from chess_mlx.calibrate import parse_speedups
 
 
+def merge_rows(reports):
+    """One row per (method, target): a configuration measured in several runs
+    (perplexity in one, tasks in another) gets the fields of all of them,
+    the first run's where both have one."""
+    merged = {}
+    for report in reports:
+        for row in report["rows"]:
+            entry = merged.setdefault((row["method"], row["target"]), {})
+            for field, value in row.items():
+                if field == "tasks":
+                    entry["tasks"] = {**value, **entry.get("tasks", {})}
+                else:
+                    entry.setdefault(field, value)
+    return list(merged.values())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="JSON files written by chess_mlx.evaluate --output")
@@ -27,14 +43,8 @@ def main():
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     reports = [json.loads(Path(path).read_text()) for path in args.results]
-    rows, seen = [], set()
-    for report in reports:
-        for row in report["rows"]:
-            key = (row["method"], row["target"])
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-    task_names = list(reports[0]["tasks"]) if all(r["tasks"] == reports[0]["tasks"] for r in reports) else []
+    rows = merge_rows(reports)
+    task_names = list(dict.fromkeys(name for report in reports for name in report["tasks"]))
     rows.sort(key=lambda r: (r["method"] != "dense", r["method"], r["ideal_speedup"]))
     text = markdown_table(rows, task_names)
     text += f"\n{EQUAL_SPEEDUP_TITLE}:\n\n" + equal_speedup_markdown(at_equal_speedup(rows, parse_speedups(args.speedup)))

@@ -3,6 +3,7 @@ table) and the lm-eval adapter, on tiny random models."""
 
 import json
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +28,7 @@ from chess_mlx.evaluate import (
     loglikelihoods,
     main,
     markdown_table,
+    plot_quality,
     run,
     score_continuations,
     setup_arg_parser,
@@ -378,3 +380,32 @@ def test_teal_and_searched_allocation_rows(llama, tmp_path):
     json.dumps(rows)  # plain Python numbers only
     table = at_equal_speedup(rows, [1.1, 5.0])
     assert "ppl" in table[0]["alloc"] and table[1]["alloc"] == {}
+
+
+def test_frontier_merges_a_perplexity_run_with_a_task_run(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frontier", Path(__file__).parents[1] / "scripts" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+
+    def row(method, target, speedup, **measured):
+        return {"method": method, "target": target, "ideal_speedup": speedup, "ideal_speedup_realized": speedup,
+                "realized_sparsity": {}, "tasks": {}, **measured}
+
+    toy = {"acc_norm": 0.4, "acc_norm_stderr": 0.05}
+    ppl_run = {"tasks": {}, "rows": [row("dense", "0.00", 1.0, perplexity={"ppl": 10.0}),
+                                     row("teal", "0.30", 1.3, perplexity={"ppl": 11.0}),
+                                     row("teal", "0.50", 1.6, perplexity={"ppl": 15.0})]}
+    task_run = {"tasks": {"toy": "toy.json"}, "rows": [
+        row("teal", "0.30", 1.3, perplexity={"ppl": 99.0}, mean_acc_norm=0.4, tasks={"toy": toy})]}
+    rows = frontier.merge_rows([ppl_run, task_run])
+    assert len(rows) == 3
+    teal = rows[1]
+    assert teal["perplexity"]["ppl"] == 11.0  # the first run's value wins
+    assert teal["tasks"] == {"toy": toy} and teal["mean_acc_norm"] == 0.4
+    table = markdown_table(rows, ["toy"])
+    assert "| teal | 0.30 | 1.30x | 1.30x | 11.000 | 40.0 ± 5.0 | 40.0 | - |" in table
+    assert "| teal | 0.50 | 1.60x | 1.60x | 15.000 | - | - | - |" in table
+    plot_quality(rows, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
