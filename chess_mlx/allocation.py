@@ -17,6 +17,11 @@ each per layer:
    convex hull, is a list of moves of increasing error per byte; the
    cheapest moves over all blocks are taken until the budget is reached).
 
+3. The LM head is one more weight read at every step, thresholded on its
+   input (the final norm's output). Its level is chosen end to end: for each
+   level the budget allows, the layers get the rest of the budget as above,
+   and the pair with the lowest loss on the search tokens wins.
+
 A block's error is the squared change of what it adds to the residual stream
 over the squared norm of the residual stream entering it, so that ``global``
 compares blocks of every depth. Activations entering each block are the
@@ -26,7 +31,7 @@ blocks amplify it.
 """
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
@@ -37,7 +42,7 @@ from tqdm import tqdm
 from .blas import reexec_with_openblas
 from .data import load_documents, token_windows
 from .errors import ChessError
-from .sparsify import ACTIVATIONS, InputSparseLinear, model_layers, unsparsify
+from .sparsify import ACTIVATIONS, InputSparseLinear, model_layers, sparsify, unsparsify
 from .costs import allocation_speedup, model_params, skipped_params
 from .thresholds import ALLOCATED, LayerThresholds, Thresholds, check_destination, load_thresholds
 from .utils import add_model_args, cli_errors, load_from_args
@@ -310,9 +315,7 @@ def search_allocations(
         sizes.append(sum(layer_params[i][p] for p in BLOCK_PROJECTIONS[kind]))
         owners.append(i)
         records[i][kind] = None  # free the activations as we go
-    allocations, predicted = [], []
-    for target in speedups:
-        budget = total * (1 - 1 / target)
+    def spread(budget: float) -> np.ndarray:
         if strategy == "even":
             position = even_allocation(paths, sizes, budget)
         else:
@@ -321,16 +324,79 @@ def search_allocations(
         for path, i, pos in zip(paths, owners, position):
             for part, level in path[pos][2].items():
                 allocation[i, ALLOCATED.index(part)] = level
+        return allocation
+
+    allocations, heads, predicted = [], [], []
+    for target in speedups:
+        budget = total * (1 - 1 / target)
+        allocation, head_level = choose_head_level(model, thresholds, windows, target, budget, head, grid, spread,
+                                                   progress)
         allocations.append(allocation)
-        predicted.append(allocation_speedup(allocation, layer_params, head))
+        heads.append(head_level)
+        predicted.append(allocation_speedup(allocation, layer_params, head, head_level))
     thresholds.allocation_speedups = np.array(speedups, dtype=np.float32)
     thresholds.allocation_predicted = np.array(predicted, dtype=np.float32)
     thresholds.allocations = np.stack(allocations)
-    spread = "the same share of each block's weights" if strategy == "even" else "global by error per weight"
+    thresholds.allocation_head = np.array(heads, dtype=np.float32)
+    how = "the same share of each block's weights" if strategy == "even" else "global by error per weight"
+    head_how = "" if thresholds.head_in is None else ", LM head input level by calibration loss"
     thresholds.metadata["allocation"] = (
-        f"greedy block-wise (TEAL), then {spread}; {sum(len(w) for w in windows)} tokens"
+        f"greedy block-wise (TEAL), then {how}{head_how}; {sum(len(w) for w in windows)} tokens"
     )
     return thresholds
+
+
+def choose_head_level(
+    model: nn.Module,
+    thresholds: Thresholds,
+    windows: Sequence[Sequence[int]],
+    target: float,
+    budget: float,
+    head: int,
+    grid: Sequence[float],
+    spread: Callable[[float], np.ndarray],
+    progress: bool,
+) -> Tuple[np.ndarray, float]:
+    """The layers' allocation and the LM head input's level for one target.
+
+    The LM head is one weight read by one input, so its level is chosen by
+    what the model loses end to end: each level the budget allows (rising
+    from dense) leaves the rest of the budget to the layers, and the pair
+    with the lowest loss on the search tokens wins. The search stops once
+    two levels in a row lose to the best. Without head thresholds (older
+    files) the head stays dense.
+    """
+    levels = [0.0] if thresholds.head_in is None else [g for g in grid if head * g < budget]
+    if len(levels) == 1:
+        return spread(budget), 0.0
+    best, worse = None, 0
+    for level in tqdm(levels, desc=f"allocation: LM head level for {target:g}x", unit="level",
+                      disable=not progress, leave=False):
+        allocation = spread(budget - head * level)
+        loss = allocation_loss(model, thresholds, windows, allocation, level)
+        if best is None or loss < best[0]:
+            best, worse = (loss, allocation, level), 0
+        else:
+            worse += 1
+            if worse == 2:
+                break
+    return best[1], best[2]
+
+
+def allocation_loss(model: nn.Module, thresholds: Thresholds, windows: Sequence[Sequence[int]],
+                    allocation: np.ndarray, head_level: float) -> float:
+    """Mean next-token loss on ``windows`` with ``allocation`` applied (reference path)."""
+    from .perplexity import window_nll
+
+    trial = replace(thresholds, allocation_speedups=np.array([2.0], dtype=np.float32), allocations=allocation[None],
+                    allocation_head=np.array([head_level], dtype=np.float32))
+    windows = [w for w in windows if len(w) > 1]
+    sparsify(model, trial, "alloc", 2.0, kernels=None)
+    try:
+        total = sum(window_nll(model, window).item() for window in windows)
+    finally:
+        unsparsify(model)
+    return total / sum(len(window) - 1 for window in windows)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

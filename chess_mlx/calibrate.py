@@ -5,6 +5,7 @@ Per layer, on the dense model (see the project's chess-reference.md):
   CATS     = quantile_s(|a_gate|)                              (pass 1)
   q, o     = quantile_s(|input|) of q_proj and o_proj          (pass 1)
   mlp, down = quantile_s(|input|) of gate/up and of down_proj  (pass 1)
+  head     = quantile_s(|input|) of the LM head (final norm)   (pass 1)
   tau_imp  = quantile_s(|a_gate| * m),  tau_i = tau_imp / m_i  (pass 2)
 Quantiles are taken per window (windows never cross documents) and averaged
 over windows weighted by their token counts. Every sparsity is computed in the
@@ -112,6 +113,21 @@ class InputRecorder(nn.Module):
         return self.dense(x)
 
 
+class OutputRecorder(nn.Module):
+    """Records the output of ``dense`` (the final norm: the LM head's input)."""
+
+    def __init__(self, dense: nn.Module, name: str, stats: LayerStats):
+        super().__init__()
+        self.dense = dense
+        self._name = name
+        self._stats = stats
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.dense(x)
+        self._stats.observe_input(self._name, y)
+        return y
+
+
 def install_recorders(model: nn.Module, stats: List[LayerStats]):
     activation = ACTIVATIONS[model.model_type]
     for layer, layer_stats in zip(model.layers, stats):
@@ -159,14 +175,20 @@ def calibrate(
     num_tokens = sum(len(w) for w in windows)
     if num_tokens == 0:
         raise ChessError("no calibration tokens")
+    head = LayerStats(levels, statistic)
+    body = getattr(model, "model", model)
     install_recorders(model, stats)
+    body.norm = OutputRecorder(body.norm, "head_in", head)
     try:
-        run_pass(model, windows, stats, "calibration pass 1/2", progress)
+        run_pass(model, windows, stats + [head], "calibration pass 1/2", progress)
+        body.norm = body.norm.dense
         for s in stats:
             s.finish_first_pass(num_tokens)
         run_pass(model, windows, stats, "calibration pass 2/2", progress)
     finally:
         remove_recorders(model)
+        if isinstance(body.norm, OutputRecorder):
+            body.norm = body.norm.dense
 
     def stacked(name):
         return np.stack([np.array(s.sums[name] / num_tokens) for s in stats])
@@ -182,6 +204,7 @@ def calibrate(
         o_proj=stacked("o_proj"),
         mlp_in=stacked("mlp_in"),
         down_in=stacked("down_in"),
+        head_in=np.array(head.sums["head_in"] / num_tokens),
         metadata={
             "chess_mlx_version": __version__,
             "identity": json.dumps(model_identity(model)),

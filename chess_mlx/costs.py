@@ -131,19 +131,23 @@ def speedup_for(skipped: float, total: float) -> float:
     return float(total / (total - skipped))
 
 
-def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int) -> float:
-    """The ideal speed-up of an allocation ``[L, len(ALLOCATED)]``."""
+def allocation_speedup(allocation: np.ndarray, layer_params: Sequence[Dict[str, int]], head: int,
+                       head_sparsity: float = 0.0) -> float:
+    """The ideal speed-up of an allocation ``[L, len(ALLOCATED)]`` (and of
+    ``head_sparsity`` of the LM head's input)."""
     from .thresholds import ALLOCATED
 
     levels = [projection_sparsity(dict(zip(ALLOCATED, row))) for row in allocation]
-    return layers_speedup(layer_params, head, levels)
+    return layers_speedup(layer_params, head, levels, head_sparsity)
 
 
-def layers_speedup(layer_params: Sequence[Dict[str, int]], head: int, sparsity: Sequence[Dict[str, float]]) -> float:
-    """The ideal speed-up when layer i skips ``sparsity[i][p]`` of projection p."""
+def layers_speedup(layer_params: Sequence[Dict[str, int]], head: int, sparsity: Sequence[Dict[str, float]],
+                   head_sparsity: float = 0.0) -> float:
+    """The ideal speed-up when layer i skips ``sparsity[i][p]`` of projection p
+    and the LM head ``head_sparsity`` of its weights."""
     total = sum(sum(p.values()) for p in layer_params) + head
     skipped = sum(params[p] * float(s.get(p, 0.0)) for params, s in zip(layer_params, sparsity) for p in params)
-    return speedup_for(skipped, total)
+    return speedup_for(skipped + head * head_sparsity, total)
 
 
 def planned_sparsity(thresholds: "Thresholds", method: str, setting: float, num_layers: int) -> List[Dict[str, float]]:
@@ -153,6 +157,11 @@ def planned_sparsity(thresholds: "Thresholds", method: str, setting: float, num_
 
         return [projection_sparsity(dict(zip(ALLOCATED, row))) for row in thresholds.allocation(setting)]
     return [method_sparsity(method, setting) for _ in range(num_layers)]
+
+
+def realized_head_sparsity(dropped: Dict[str, float]) -> float:
+    """The LM head input's dropped fraction from a tracker's fractions."""
+    return dropped.get("lm_head", 0.0)
 
 
 def realized_sparsity(dropped: Dict[str, float], num_layers: int) -> List[Dict[str, float]]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .blas import reexec_with_openblas
 from .calibrate import parse_speedups, parse_sparsities
-from .costs import layers_speedup, model_params, planned_sparsity, realized_sparsity
+from .costs import layers_speedup, model_params, planned_sparsity, realized_head_sparsity, realized_sparsity
 from .data import load_documents
 from .errors import ChessError
 from .perplexity import eval_ppl, ppl_windows
@@ -220,7 +220,7 @@ def evaluate(
         row = {"method": method, "target": target_label(method, setting),
                "sparsity": None if method == "alloc" else setting}
         planned = planned_sparsity(thresholds, method, setting, len(layer_params))
-        row["ideal_speedup"] = layers_speedup(layer_params, head, planned)
+        row["ideal_speedup"] = layers_speedup(layer_params, head, planned, thresholds_head(thresholds, method, setting))
         per_layer = None
         if windows is not None:
             with track_sparsity(model) as tracker:
@@ -236,12 +236,17 @@ def evaluate(
             row.setdefault("realized_sparsity", row["realized_sparsity_tasks"])
             per_layer = per_layer if per_layer is not None else tracker.sparsity()
         realized = realized_sparsity(per_layer or {}, len(layer_params))
-        row["ideal_speedup_realized"] = layers_speedup(layer_params, head, realized)
+        row["ideal_speedup_realized"] = layers_speedup(layer_params, head, realized,
+                                                       realized_head_sparsity(per_layer or {}))
         rows.append(row)
         if on_row is not None:
             on_row(row)
     unsparsify(model)
     return rows
+
+
+def thresholds_head(thresholds, method: str, setting: float) -> float:
+    return 0.0 if thresholds is None else thresholds.head_sparsity(method, setting)
 
 
 def table_cells(row: dict, task_names: Sequence[str], has_ppl: bool = True) -> List[str]:

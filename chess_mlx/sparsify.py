@@ -250,10 +250,65 @@ def patch_lm_head(model: nn.Module, kernels: "DecodeKernels"):
 
 def unpatch_lm_head(model: nn.Module):
     body = getattr(model, "model", None)
-    if isinstance(getattr(body, "embed_tokens", None), KernelHeadEmbedding):
+    if isinstance(getattr(body, "embed_tokens", None), (KernelHeadEmbedding, SparseHeadEmbedding)):
         body.embed_tokens = body.embed_tokens.restore()
-    if "lm_head" in model and isinstance(model.lm_head, KernelHeadLinear):
+    if "lm_head" in model and isinstance(model.lm_head, (KernelHeadLinear, InputSparseLinear)):
         model.lm_head = model.lm_head.restore()
+
+
+class SparseHeadEmbedding(nn.Module):
+    """A tied embedding whose LM head (``as_linear``) drops the inputs below ``tau``.
+
+    With kernels, a float table is re-laid input-major once (``[hidden,
+    vocab]``, not duplicated): decode reads only the rows of kept inputs and
+    lookups take columns. A quantized table keeps its layout: its decode
+    masks the input and runs the dense output GEMV, so nothing is skipped.
+    """
+
+    def __init__(self, embedding: nn.Module, tau: mx.array, kernels: Optional[DecodeKernels] = None):
+        super().__init__()
+        self.tau = tau
+        self._name = "lm_head"
+        self._tracker: Optional[SparsityTracker] = None
+        self._kernels = kernels if kernels is not None and out_gemv_ready(embedding, kernels) else None
+        if self._kernels is not None and type(embedding) is nn.Embedding:
+            self.wt = mx.contiguous(embedding.weight.T)
+        else:
+            self.embedding = embedding
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        if "wt" in self:
+            return mx.moveaxis(mx.take(self.wt, ids, axis=1), 0, -1)
+        return self.embedding(ids)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self._tracker is not None:
+            self._tracker.add(self._name, keep_mask(x, self.tau))
+        if "wt" in self and is_decode(x):
+            return self._kernels.sparse_in_gemv(x, self.wt, self.tau).reshape(*x.shape[:-1], -1)
+        x = mx.where(keep_mask(x, self.tau), x, 0)
+        if "wt" in self:
+            return x @ self.wt
+        if self._kernels is not None and is_decode(x):
+            return dense_gemv(self._kernels, x, self.embedding)
+        return self.embedding.as_linear(x)
+
+    def restore(self) -> nn.Module:
+        if "wt" not in self:
+            return self.embedding
+        hidden, vocab = self.wt.shape
+        embedding = nn.Embedding(vocab, hidden)
+        embedding.weight = mx.contiguous(self.wt.T)
+        return embedding
+
+
+def sparsify_lm_head(model: nn.Module, tau: mx.array, kernels: Optional[DecodeKernels]):
+    """Threshold the LM head's input (tied or not) at ``tau``."""
+    body = getattr(model, "model", None)
+    if "lm_head" in model:
+        model.lm_head = InputSparseLinear(model.lm_head, tau, "lm_head", kernels)
+    else:
+        body.embed_tokens = SparseHeadEmbedding(body.embed_tokens, tau, kernels)
 
 
 def format_sparsity(summary: Dict[str, float]) -> str:
@@ -400,7 +455,7 @@ class InputSparseLinear(nn.Module):
         return self.dense
 
 
-SPARSE_MODULES = (SparseMLP, InputSparseLinear)
+SPARSE_MODULES = (SparseMLP, InputSparseLinear, SparseHeadEmbedding)
 INPUT_MAJOR = (InputMajorLinear, QuantizedInputMajorLinear)
 
 
@@ -477,8 +532,9 @@ def sparsify(
     scalar thresholds on the inputs of q_proj and o_proj; k_proj and v_proj
     keep reading the dense hidden state), ``teal`` (scalar thresholds on the
     inputs of all seven projections, as TEAL) and ``alloc`` (the per-layer,
-    per-projection allocation calibration searched; ``sparsity`` is then its
-    target ideal speed-up). ``sparsity`` must be one of the calibrated
+    per-projection allocation calibration searched, with the LM head's input
+    where the search thresholded it; ``sparsity`` is then its target ideal
+    speed-up). ``sparsity`` must be one of the calibrated
     targets, or 0 (no entry is dropped).
 
     ``kernels`` runs one-token calls (decode) of float layers through sparse
@@ -513,7 +569,10 @@ def sparsify(
                 module = getattr(attn, proj)
                 if kernel_ready(module, kernels):
                     setattr(attn, proj, input_major(module, kernels))
-    if kernels is not None:
+    head_tau = thresholds.head_threshold(method, sparsity)
+    if head_tau is not None:
+        sparsify_lm_head(model, head_tau, kernels)
+    elif kernels is not None:
         patch_lm_head(model, kernels)
     return model
 

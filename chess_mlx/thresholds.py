@@ -10,6 +10,7 @@ One safetensors file holds, for L layers, S calibrated sparsities, FFN width F:
     o_proj     [L, S]     one threshold per layer on the o_proj input
     mlp_in     [L, S]     one threshold per layer on the MLP input (gate/up)
     down_in    [L, S]     one threshold per layer on the down_proj input
+    head_in    [S]        one threshold on the LM head's input (the final norm's output)
 
 and, when calibration searched allocations (see chess_mlx.allocation), for A
 target ideal speed-ups and the C components of ALLOCATED:
@@ -17,9 +18,11 @@ target ideal speed-ups and the C components of ALLOCATED:
     allocation_speedups   [A]        the targets
     allocation_predicted  [A]        the ideal speed-up each allocation buys
     allocations           [A, L, C]  the sparsity of each component (0 or one of ``sparsities``)
+    allocation_head       [A]        the LM head input's sparsity (0 when dense)
 
 Files from before mlp_in/down_in existed still load; the methods that need
-the missing arrays then ask for a recalibration.
+the missing arrays then ask for a recalibration. Files without head_in or
+allocation_head keep the LM head dense.
 
 Metadata (strings) says which model it belongs to and how it was made.
 """
@@ -39,7 +42,8 @@ from .errors import ChessError
 
 FORMAT = "chess_mlx.thresholds/1"
 ARRAYS = ("sparsities", "up_stat", "chess", "cats", "q_proj", "o_proj")
-OPTIONAL = ("mlp_in", "down_in", "allocation_speedups", "allocation_predicted", "allocations")
+OPTIONAL = ("mlp_in", "down_in", "head_in", "allocation_speedups", "allocation_predicted", "allocations",
+            "allocation_head")
 GATE_KEY = {"cats": "cats", "chess": "chess", "chess+": "chess"}
 # What an allocation sets per layer: the attention input (q/k/v), the o_proj
 # input, the MLP input (gate/up), CHESS's per-channel gate mask, the down_proj input.
@@ -112,9 +116,11 @@ class Thresholds:
     metadata: Dict[str, str] = field(default_factory=dict)
     mlp_in: Optional[np.ndarray] = None
     down_in: Optional[np.ndarray] = None
+    head_in: Optional[np.ndarray] = None
     allocation_speedups: Optional[np.ndarray] = None
     allocation_predicted: Optional[np.ndarray] = None
     allocations: Optional[np.ndarray] = None
+    allocation_head: Optional[np.ndarray] = None
 
     def __post_init__(self):
         for name in ARRAYS + OPTIONAL:
@@ -201,12 +207,29 @@ class Thresholds:
 
     def allocation(self, speedup: float) -> np.ndarray:
         """The searched per-layer sparsities ``[L, len(ALLOCATED)]`` for a target speed-up."""
+        return self.allocations[self.allocation_index(speedup)]
+
+    def allocation_index(self, speedup: float) -> int:
         self.require("mlp_in", "down_in", "allocations")
         matches = np.flatnonzero(np.isclose(self.allocation_speedups, speedup, atol=1e-6))
         if len(matches) == 0:
             available = ", ".join(f"{a:g}" for a in self.allocation_speedups)
             raise ChessError(f"no allocation was searched for speed-up {speedup:g} (available: {available})")
-        return self.allocations[int(matches[0])]
+        return int(matches[0])
+
+    def head_sparsity(self, method: str, setting: float) -> float:
+        """The LM head input's targeted sparsity: only searched allocations set one."""
+        if method != "alloc" or self.allocation_head is None:
+            return 0.0
+        return float(self.allocation_head[self.allocation_index(setting)])
+
+    def head_threshold(self, method: str, setting: float) -> Optional[mx.array]:
+        """The threshold on the LM head's input, or None to keep it dense."""
+        level = self.head_sparsity(method, setting)
+        if level == 0:
+            return None
+        self.require("head_in")
+        return mx.array(self.head_in[self.sparsity_index(level)].reshape(1))
 
     def layer_plan(self, layer: int, levels: Dict[str, float]) -> LayerThresholds:
         """A layer's thresholds from the sparsity of each ALLOCATED component

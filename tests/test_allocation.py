@@ -1,14 +1,17 @@
 """Per-projection sparsity: the teal and alloc methods and the allocation search."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import MODELS, ByteTokenizer, random_windows, tiny_llama
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from chess_mlx import cpu_kernels
-from chess_mlx.allocation import (BlockProbe, allocate_budget, even_allocation, greedy_path, lower_hull, record_blocks,
-                                  search_allocations)
+from chess_mlx.allocation import (BlockProbe, allocate_budget, allocation_loss, even_allocation, greedy_path,
+                                  lower_hull, record_blocks, search_allocations)
 from chess_mlx.calibrate import calibrate, first_tokens
 from chess_mlx.costs import allocation_speedup, model_params, projection_sparsity, skipped_params
 from chess_mlx.errors import ChessError
@@ -90,8 +93,10 @@ def test_search_hits_the_target_speedups(searched):
     model, thresholds = searched
     assert thresholds.allocations.shape == (2, len(model.layers), len(ALLOCATED))
     layer_params, head = model_params(model)
-    for target, predicted, allocation in zip([1.2, 1.5], thresholds.allocation_predicted, thresholds.allocations):
-        assert predicted == pytest.approx(allocation_speedup(allocation, layer_params, head))
+    assert set(thresholds.allocation_head) <= set(np.float32([0.0] + GRID))
+    for target, predicted, allocation, head_level in zip(
+            [1.2, 1.5], thresholds.allocation_predicted, thresholds.allocations, thresholds.allocation_head):
+        assert predicted == pytest.approx(allocation_speedup(allocation, layer_params, head, head_level))
         assert target <= predicted < target + 0.06  # the budget is met with the last move's overshoot
         assert set(np.unique(allocation)) <= set(np.float32([0.0] + GRID))
     # more speed never takes sparsity away from a component
@@ -245,3 +250,62 @@ def test_cli_reports_an_unsupported_architecture(tmp_path, monkeypatch, capsys, 
         "chess_mlx.allocation: error: unsupported model type 'gpt2' (supported: gemma, gemma2, gemma3, "
         "gemma3_text, llama, mistral, qwen2, qwen3)")
     assert not (tmp_path / "o.st").exists()
+
+
+def with_head_level(thresholds, level):
+    """The searched allocations with the LM head input at ``level``."""
+    return replace(thresholds, allocation_head=np.full(len(thresholds.allocation_speedups), level, np.float32))
+
+
+def test_head_level_is_searched_by_loss_and_kept_dense_without_head_thresholds(searched):
+    model, thresholds = searched
+    windows = random_windows(1, 40, seed=3)
+    chosen = replace(thresholds)
+    search_allocations(model, chosen, windows, [1.3], progress=False)
+    level = float(chosen.allocation_head[0])
+    loss = allocation_loss(model, chosen, windows, chosen.allocations[0], level)
+    # its loss is no higher than the layers-only allocation for the same target
+    dense_head = replace(thresholds, head_in=None)
+    search_allocations(model, dense_head, windows, [1.3], progress=False)
+    assert dense_head.allocation_head[0] == 0
+    assert loss <= allocation_loss(model, dense_head, windows, dense_head.allocations[0], 0.0) + 1e-6
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_input_is_thresholded(tied):
+    mx.random.seed(1)
+    model = tiny_llama(tied=tied)
+    mx.eval(model.parameters())
+    thresholds = calibrate(model, random_windows(), GRID, progress=False)
+    assert np.all(np.diff(thresholds.head_in) > 0)
+    search_allocations(model, thresholds, random_windows(1, 40, seed=3), [1.2], progress=False)
+    thresholds = with_head_level(thresholds, 0.5)
+    weights = dict(tree_flatten(model.parameters()))
+    sparsify(model, thresholds, "alloc", 1.2, kernels=None)
+    with track_sparsity(model) as tracker:
+        model(mx.array(random_windows(1, 30, seed=4)))
+    assert tracker.summary()["lm_head"] == pytest.approx(0.5, abs=0.15)
+    unsparsify(model)
+    restored = dict(tree_flatten(model.parameters()))
+    assert set(restored) == set(weights) and all(mx.array_equal(restored[k], weights[k]) for k in weights)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled CPU extension is not built")
+@pytest.mark.parametrize("tied", [True, False])
+def test_sparse_lm_head_decodes_with_kernels_as_the_reference(tied):
+    mx.random.seed(1)
+    model = tiny_llama(tied=tied)
+    mx.eval(model.parameters())
+    thresholds = calibrate(model, random_windows(), GRID, progress=False)
+    search_allocations(model, thresholds, random_windows(1, 40, seed=3), [1.2], progress=False)
+    thresholds = with_head_level(thresholds, 0.4)
+    prompt = random_windows(1, 9, seed=6)[0]
+    sparsify(model, thresholds, "alloc", 1.2, kernels=None)
+    reference_tokens, reference = greedy(model, prompt)
+    sparsify(model, thresholds, "alloc", 1.2, kernels=cpu_kernels)
+    head = model.model.embed_tokens if tied else model.lm_head.dense
+    assert "wt" in head if tied else isinstance(head, InputMajorLinear)  # read input-major, not copied
+    tokens, result = greedy(model, prompt)
+    unsparsify(model)
+    assert tokens == reference_tokens
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)

@@ -149,3 +149,21 @@ def test_emulated_decode_of_a_searched_allocation(float_llama):
     result = decode_logits(model, prompt, token)
     unsparsify(model)
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_emulated_decode_with_a_thresholded_lm_head(float_llama):
+    from dataclasses import replace
+
+    from chess_mlx.allocation import search_allocations
+
+    model, thresholds = float_llama
+    search_allocations(model, thresholds, random_windows(1, 30, seed=2), [1.3], progress=False)
+    thresholds = replace(thresholds, allocation_head=np.array([0.5], np.float32))
+    prompt, token = random_windows(1, 9, seed=7)[0], 5
+    sparsify(model, thresholds, "alloc", 1.3, kernels=None)
+    reference = decode_logits(model, prompt, token)
+    sparsify(model, thresholds, "alloc", 1.3, kernels=EmulatedKernels())
+    assert "wt" in model.model.embed_tokens  # the tied table, read input-major by the Metal GEMV
+    result = decode_logits(model, prompt, token)
+    unsparsify(model)
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
