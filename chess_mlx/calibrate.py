@@ -102,29 +102,19 @@ class MLPRecorder(nn.Module):
 
 
 class InputRecorder(nn.Module):
-    def __init__(self, dense: nn.Module, name: str, stats: LayerStats):
+    """Records the quantiles of what enters ``dense``, or with ``output`` of
+    what leaves it (the final norm's output is the LM head's input)."""
+
+    def __init__(self, dense: nn.Module, name: str, stats: LayerStats, output: bool = False):
         super().__init__()
         self.dense = dense
         self._name = name
         self._stats = stats
-
-    def __call__(self, x: mx.array) -> mx.array:
-        self._stats.observe_input(self._name, x)
-        return self.dense(x)
-
-
-class OutputRecorder(nn.Module):
-    """Records the output of ``dense`` (the final norm: the LM head's input)."""
-
-    def __init__(self, dense: nn.Module, name: str, stats: LayerStats):
-        super().__init__()
-        self.dense = dense
-        self._name = name
-        self._stats = stats
+        self._output = output
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.dense(x)
-        self._stats.observe_input(self._name, y)
+        self._stats.observe_input(self._name, y if self._output else x)
         return y
 
 
@@ -178,7 +168,7 @@ def calibrate(
     head = LayerStats(levels, statistic)
     body = getattr(model, "model", model)
     install_recorders(model, stats)
-    body.norm = OutputRecorder(body.norm, "head_in", head)
+    body.norm = InputRecorder(body.norm, "head_in", head, output=True)
     try:
         run_pass(model, windows, stats + [head], "calibration pass 1/2", progress)
         body.norm = body.norm.dense
@@ -187,7 +177,7 @@ def calibrate(
         run_pass(model, windows, stats, "calibration pass 2/2", progress)
     finally:
         remove_recorders(model)
-        if isinstance(body.norm, OutputRecorder):
+        if isinstance(body.norm, InputRecorder):
             body.norm = body.norm.dense
 
     def stacked(name):

@@ -271,15 +271,20 @@ def test_head_level_is_searched_by_loss_and_kept_dense_without_head_thresholds(s
     assert loss <= allocation_loss(model, dense_head, windows, dense_head.allocations[0], 0.0) + 1e-6
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_lm_head_input_is_thresholded(tied):
+def searched_model(tied: bool, head_level: float):
+    """A tiny llama with an allocation for 1.2x, its LM head input at ``head_level``."""
     mx.random.seed(1)
     model = tiny_llama(tied=tied)
     mx.eval(model.parameters())
     thresholds = calibrate(model, random_windows(), GRID, progress=False)
-    assert np.all(np.diff(thresholds.head_in) > 0)
     search_allocations(model, thresholds, random_windows(1, 40, seed=3), [1.2], progress=False)
-    thresholds = with_head_level(thresholds, 0.5)
+    return model, with_head_level(thresholds, head_level)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_input_is_thresholded(tied):
+    model, thresholds = searched_model(tied, 0.5)
+    assert np.all(np.diff(thresholds.head_in) > 0)
     weights = dict(tree_flatten(model.parameters()))
     sparsify(model, thresholds, "alloc", 1.2, kernels=None)
     with track_sparsity(model) as tracker:
@@ -293,12 +298,7 @@ def test_lm_head_input_is_thresholded(tied):
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled CPU extension is not built")
 @pytest.mark.parametrize("tied", [True, False])
 def test_sparse_lm_head_decodes_with_kernels_as_the_reference(tied):
-    mx.random.seed(1)
-    model = tiny_llama(tied=tied)
-    mx.eval(model.parameters())
-    thresholds = calibrate(model, random_windows(), GRID, progress=False)
-    search_allocations(model, thresholds, random_windows(1, 40, seed=3), [1.2], progress=False)
-    thresholds = with_head_level(thresholds, 0.4)
+    model, thresholds = searched_model(tied, 0.4)
     prompt = random_windows(1, 9, seed=6)[0]
     sparsify(model, thresholds, "alloc", 1.2, kernels=None)
     reference_tokens, reference = greedy(model, prompt)
