@@ -393,6 +393,8 @@ def plot_quality(rows: Sequence[dict], path: str):
         ("perplexity", "perplexity", lambda r: r["perplexity"]["ppl"]),
         ("mean acc_norm", "mean_acc_norm", lambda r: r["mean_acc_norm"]),
     ) if any(key in r for r in rows)]
+    # A method keeps its colour in every panel, also where it has no points.
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, (label, key, value) in zip(axes[0], metrics):
         for method in dict.fromkeys(r["method"] for r in rows if key in r):
@@ -400,7 +402,7 @@ def plot_quality(rows: Sequence[dict], path: str):
             if method == "dense":
                 ax.axhline(points[0][1], color="gray", linestyle=":", label="dense")
             else:
-                ax.plot(*zip(*sorted(points)), marker="o", label=method)
+                ax.plot(*zip(*sorted(points)), marker="o", label=method, color=colors[method])
         if label == "perplexity":
             ax.set_yscale("log")
         ax.set_xlabel("ideal decode speed-up (realized sparsity)")
