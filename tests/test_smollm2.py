@@ -48,7 +48,9 @@ def test_shipped_thresholds_fit_default_model(smollm2):
     assert shipped is not None
     assert list(shipped.sparsities) == pytest.approx([i / 10 for i in range(1, 10)])
     assert list(shipped.allocation_speedups) == pytest.approx([1.25, 1.35, 1.5])
-    assert all(abs(p - s) < 0.02 for p, s in zip(shipped.allocation_predicted, shipped.allocation_speedups))
+    # The budget is met, with at most the overshoot of the levels' coarse steps.
+    assert all(0 <= p - s < 0.04 for p, s in zip(shipped.allocation_predicted, shipped.allocation_speedups))
+    assert shipped.head_in is not None and len(shipped.allocation_head) == 3
     assert "wikitext-2-valid.txt documents[:30]" in shipped.metadata["data"]
 
 
