@@ -3,8 +3,8 @@
     python scripts/calibrate.py [--tokens 32768] [--out chess_mlx/thresholds/smollm2-135m-instruct.safetensors]
 
 Calibrates on the first 30 articles of WikiText-2 validation (../shared/data)
-at sparsities 0.1..0.9 and searches allocations for ideal speed-ups 1.25x,
-1.35x and 1.5x on the first 2048 tokens; the last 30 articles are held out for
+at sparsities 0.1..0.9 and searches allocations (LM head input included) for
+ideal speed-ups 1.25x, 1.35x and 1.5x on the first 2048 tokens; the last 30 articles are held out for
 evaluation. Any flag of `python -m chess_mlx.calibrate`
 can be passed and overrides the defaults below.
 """
