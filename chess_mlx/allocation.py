@@ -388,6 +388,7 @@ def allocation_loss(model: nn.Module, thresholds: Thresholds, windows: Sequence[
     """Mean next-token loss on ``windows`` with ``allocation`` applied (reference path)."""
     from .perplexity import window_nll
 
+    # A copy holding only this allocation, filed under a placeholder target.
     trial = replace(thresholds, allocation_speedups=np.array([2.0], dtype=np.float32), allocations=allocation[None],
                     allocation_head=np.array([head_level], dtype=np.float32))
     windows = [w for w in windows if len(w) > 1]
