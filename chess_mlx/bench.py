@@ -41,7 +41,8 @@ from . import __version__
 from .blas import blas_in_use, reexec_with_openblas
 from .allocation import search_allocations
 from .calibrate import calibrate, first_tokens, parse_speedups, parse_sparsities
-from .costs import Shapes, layers_speedup, model_params, planned_sparsity, realized_head_sparsity, realized_sparsity
+from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity, planned_sparsity,
+                    realized_head_sparsity, realized_sparsity)
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
@@ -363,7 +364,8 @@ class Ideal:
         if method in (STOCK, DENSE):
             return 1.0
         planned = planned_sparsity(thresholds, method, setting, len(self.layer_params))
-        return float(layers_speedup(self.layer_params, self.head, planned, thresholds.head_sparsity(method, setting)))
+        head = planned_head_sparsity(thresholds, method, setting)
+        return float(layers_speedup(self.layer_params, self.head, planned, head))
 
     def realized(self, per_layer: Dict[str, float]) -> float:
         """For the realized sparsity: a tracker's 'layers.N.kind' (and 'lm_head') fractions."""

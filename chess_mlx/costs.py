@@ -159,6 +159,12 @@ def planned_sparsity(thresholds: "Thresholds", method: str, setting: float, num_
     return [method_sparsity(method, setting) for _ in range(num_layers)]
 
 
+def planned_head_sparsity(thresholds: "Thresholds", method: str, setting: float) -> float:
+    """The fraction of the LM head's weights ``method`` targets to skip (only
+    searched allocations threshold its input)."""
+    return thresholds.head_sparsity(method, setting) if method == "alloc" else 0.0
+
+
 def realized_head_sparsity(dropped: Dict[str, float]) -> float:
     """The LM head input's dropped fraction from a tracker's fractions."""
     return dropped.get("lm_head", 0.0)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from .blas import reexec_with_openblas
 from .calibrate import parse_speedups, parse_sparsities
-from .costs import layers_speedup, model_params, planned_sparsity, realized_head_sparsity, realized_sparsity
+from .costs import (layers_speedup, model_params, planned_head_sparsity, planned_sparsity, realized_head_sparsity,
+                    realized_sparsity)
 from .data import load_documents
 from .errors import ChessError
 from .perplexity import eval_ppl, ppl_windows
@@ -220,7 +221,8 @@ def evaluate(
         row = {"method": method, "target": target_label(method, setting),
                "sparsity": None if method == "alloc" else setting}
         planned = planned_sparsity(thresholds, method, setting, len(layer_params))
-        row["ideal_speedup"] = layers_speedup(layer_params, head, planned, thresholds_head(thresholds, method, setting))
+        planned_head = planned_head_sparsity(thresholds, method, setting)
+        row["ideal_speedup"] = layers_speedup(layer_params, head, planned, planned_head)
         per_layer = None
         if windows is not None:
             with track_sparsity(model) as tracker:
@@ -243,10 +245,6 @@ def evaluate(
             on_row(row)
     unsparsify(model)
     return rows
-
-
-def thresholds_head(thresholds, method: str, setting: float) -> float:
-    return 0.0 if thresholds is None else thresholds.head_sparsity(method, setting)
 
 
 def table_cells(row: dict, task_names: Sequence[str], has_ppl: bool = True) -> List[str]:
