@@ -5,8 +5,14 @@ Per layer, on the dense model (see the project's chess-reference.md):
   CATS     = quantile_s(|a_gate|)                              (pass 1)
   q, o     = quantile_s(|input|) of q_proj and o_proj          (pass 1)
   mlp, down = quantile_s(|input|) of gate/up and of down_proj  (pass 1)
-  head     = quantile_s(|input|) of the LM head (final norm)   (pass 1)
   tau_imp  = quantile_s(|a_gate| * m),  tau_i = tau_imp / m_i  (pass 2)
+  head     = the same for the LM head's input x (the final norm's output),
+             with w_j = sqrt(E_tokens Var_{v~p}(W[v, j])), p the model's
+             next-token distribution and W the head's weight: dropping x_j
+             moves the log-probabilities by about x_j^2 w_j^2 (the diagonal
+             Fisher information of the logits). w comes from the first
+             HEAD_WEIGHT_TOKENS tokens (pass 1), then
+             tau_imp = quantile_s(|x| * w), tau_j = tau_imp / w_j   (pass 2)
 Quantiles are taken per window (windows never cross documents) and averaged
 over windows weighted by their token counts. Every sparsity is computed in the
 same passes. Only per-window scalars and per-channel sums are kept, so memory
@@ -34,6 +40,8 @@ from .thresholds import Thresholds, check_destination, model_identity
 from .utils import add_model_args, cli_errors, load_from_args
 
 STATISTICS = ("mean_abs", "rms")
+# Tokens whose next-token distributions weight the LM head's input channels.
+HEAD_WEIGHT_TOKENS = 2048
 
 
 def quantiles(values: mx.array, levels: Sequence[float]) -> mx.array:
@@ -102,20 +110,68 @@ class MLPRecorder(nn.Module):
 
 
 class InputRecorder(nn.Module):
-    """Records the quantiles of what enters ``dense``, or with ``output`` of
-    what leaves it (the final norm's output is the LM head's input)."""
+    """Records the quantiles of what enters ``dense``."""
 
-    def __init__(self, dense: nn.Module, name: str, stats: LayerStats, output: bool = False):
+    def __init__(self, dense: nn.Module, name: str, stats: LayerStats):
         super().__init__()
         self.dense = dense
         self._name = name
         self._stats = stats
-        self._output = output
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self._stats.observe_input(self._name, x)
+        return self.dense(x)
+
+
+class HeadRecorder(nn.Module):
+    """Wraps the final norm, whose output is the LM head's input: pass 1 keeps
+    the first ``keep`` tokens of it (for the channel weights), pass 2 records
+    the quantiles of ``|x| * weights``."""
+
+    def __init__(self, norm: nn.Module, levels: Sequence[float], keep: int):
+        super().__init__()
+        self.dense = norm
+        self.levels = levels
+        self.kept: List[mx.array] = []
+        self._room = keep
+        self.weights = None  # set between the passes
+        self.sums = {}
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.dense(x)
-        self._stats.observe_input(self._name, y if self._output else x)
+        rows = y.reshape(-1, y.shape[-1]).astype(mx.float32)
+        if self.weights is None:
+            if self._room > 0:
+                self.kept.append(rows[: self._room])
+                mx.eval(self.kept[-1])  # or each window's graph stays alive
+                self._room -= self.kept[-1].shape[0]
+        else:
+            q = quantiles(mx.abs(rows) * self.weights, self.levels) * rows.shape[0]
+            self.sums["head"] = self.sums["head"] + q if "head" in self.sums else q
         return y
+
+
+def head_weight(model: nn.Module) -> mx.array:
+    """The LM head's ``[vocab, hidden]`` weight in float32 (dequantized)."""
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return mx.dequantize(head.weight, head.scales, head.biases, head.group_size, head.bits)
+    return head.weight.astype(mx.float32)
+
+
+def head_channel_weights(model: nn.Module, x: mx.array, chunk: int = 256) -> mx.array:
+    """``w_j = sqrt(mean over tokens of Var_{v~p}(W[v, j]))`` for the LM head's
+    input ``x`` ``[tokens, hidden]``, with ``p = softmax(x @ W.T)`` (logit
+    soft-capping, where a model has it, is left out of ``p``)."""
+    weight = head_weight(model)
+    square = weight * weight
+    total = mx.zeros((weight.shape[1],))
+    for i in range(0, x.shape[0], chunk):
+        p = mx.softmax(x[i : i + chunk] @ weight.T, axis=-1)
+        mean = p @ weight
+        total = total + (p @ square - mean * mean).sum(axis=0)
+        mx.eval(total)
+    return mx.sqrt(mx.maximum(total / x.shape[0], 1e-12))
 
 
 def install_recorders(model: nn.Module, stats: List[LayerStats]):
@@ -165,20 +221,20 @@ def calibrate(
     num_tokens = sum(len(w) for w in windows)
     if num_tokens == 0:
         raise ChessError("no calibration tokens")
-    head = LayerStats(levels, statistic)
     body = getattr(model, "model", model)
+    head = HeadRecorder(body.norm, levels, HEAD_WEIGHT_TOKENS)
     install_recorders(model, stats)
-    body.norm = InputRecorder(body.norm, "head_in", head, output=True)
+    body.norm = head
     try:
-        run_pass(model, windows, stats + [head], "calibration pass 1/2", progress)
-        body.norm = body.norm.dense
+        run_pass(model, windows, stats, "calibration pass 1/2", progress)
         for s in stats:
             s.finish_first_pass(num_tokens)
-        run_pass(model, windows, stats, "calibration pass 2/2", progress)
+        head.weights = head_channel_weights(model, mx.concatenate(head.kept))
+        head.kept = []
+        run_pass(model, windows, stats + [head], "calibration pass 2/2", progress)
     finally:
         remove_recorders(model)
-        if isinstance(body.norm, InputRecorder):
-            body.norm = body.norm.dense
+        body.norm = head.dense
 
     def stacked(name):
         return np.stack([np.array(s.sums[name] / num_tokens) for s in stats])
@@ -194,7 +250,7 @@ def calibrate(
         o_proj=stacked("o_proj"),
         mlp_in=stacked("mlp_in"),
         down_in=stacked("down_in"),
-        head_in=np.array(head.sums["head_in"] / num_tokens),
+        head_in=np.array(head.sums["head"] / num_tokens)[:, None] / np.array(head.weights)[None, :],
         metadata={
             "chess_mlx_version": __version__,
             "identity": json.dumps(model_identity(model)),

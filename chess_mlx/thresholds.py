@@ -10,7 +10,9 @@ One safetensors file holds, for L layers, S calibrated sparsities, FFN width F:
     o_proj     [L, S]     one threshold per layer on the o_proj input
     mlp_in     [L, S]     one threshold per layer on the MLP input (gate/up)
     down_in    [L, S]     one threshold per layer on the down_proj input
-    head_in    [S]        one threshold on the LM head's input (the final norm's output)
+    head_in    [S, H]     per-channel thresholds on the LM head's input (the final
+                          norm's output, width H), weighted by each channel's effect
+                          on the logits (see chess_mlx.calibrate); older files: [S]
 
 and, when calibration searched allocations (see chess_mlx.allocation), for A
 target ideal speed-ups and the C components of ALLOCATED:
@@ -229,7 +231,7 @@ class Thresholds:
         if level == 0:
             return None
         self.require("head_in")
-        return mx.array(self.head_in[self.sparsity_index(level)].reshape(1))
+        return mx.array(np.atleast_1d(self.head_in[self.sparsity_index(level)]))
 
     def layer_plan(self, layer: int, levels: Dict[str, float]) -> LayerThresholds:
         """A layer's thresholds from the sparsity of each ALLOCATED component

@@ -284,7 +284,7 @@ def searched_model(tied: bool, head_level: float):
 @pytest.mark.parametrize("tied", [True, False])
 def test_lm_head_input_is_thresholded(tied):
     model, thresholds = searched_model(tied, 0.5)
-    assert np.all(np.diff(thresholds.head_in) > 0)
+    assert np.all(np.diff(thresholds.head_in, axis=0) > 0)
     weights = dict(tree_flatten(model.parameters()))
     sparsify(model, thresholds, "alloc", 1.2, kernels=None)
     with track_sparsity(model) as tracker:

@@ -70,6 +70,27 @@ def test_thresholds_match_independent_numpy(tiny_model):
         np.testing.assert_allclose(result.o_proj[i], weighted_quantiles([np.abs(o) for o in store["o"]], weights), rtol=2e-4)
 
 
+def test_head_thresholds_match_independent_numpy(tiny_model):
+    windows = random_windows(count=3, length=33) + random_windows(count=1, length=17, seed=1)
+    result = calibrate(tiny_model, windows, SPARSITIES, progress=False)
+    store = []
+    body = tiny_model.model
+    body.norm = Capture(body.norm, store)
+    for w in windows:
+        mx.eval(body(mx.array(w)[None]))
+    body.norm = body.norm.dense
+    x = [np.array(body.norm(mx.array(h))) for h in store]  # the head's input: the norm's output
+    eye = mx.eye(x[0].shape[1])  # the head applied to the identity is its (dequantized) weight, transposed
+    head = tiny_model.lm_head(eye) if "lm_head" in tiny_model else body.embed_tokens.as_linear(eye)
+    weight = np.array(head, dtype=np.float64).T
+    logits = np.concatenate(x) @ weight.T
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    fisher = np.sqrt((p @ weight**2 - (p @ weight) ** 2).mean(axis=0))
+    tau_imp = weighted_quantiles([np.abs(h) * fisher for h in x], [len(w) for w in windows])
+    np.testing.assert_allclose(result.head_in, tau_imp[:, None] / fisher[None, :], rtol=2e-4)
+
+
 def test_rms_statistic(tiny_model):
     windows = random_windows(count=2, length=30)
     result = calibrate(tiny_model, windows, [0.5], statistic="rms", progress=False)
