@@ -299,6 +299,10 @@ def test_gemma_shipped_thresholds(gemma):
             assert ppl() < 1.3 * dense
         assert tracker.summary()["gate"] == pytest.approx(0.3, abs=0.1)
         sparsify(model, thresholds, "alloc", 1.1, kernels=None)
-        assert ppl() < 1.3 * dense
+        with track_sparsity(model) as tracker:
+            assert ppl() < 1.3 * dense
+        # the LM head's input has one threshold per channel, and they hit the level
+        assert thresholds.head_in.shape == (len(thresholds.sparsities), 640)
+        assert tracker.summary()["lm_head"] == pytest.approx(thresholds.head_sparsity("alloc", 1.1), abs=0.1)
     finally:
         unsparsify(model)
