@@ -46,7 +46,7 @@ from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity,
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
-    configurations, default_kernels, kernel_backend, model_layers, out_gemv, parse_methods, sparsify,
+    configurations, default_kernels, kernel_backend, lm_head, model_layers, out_gemv, parse_methods, sparsify,
     target_label, track_sparsity, unsparsify,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
@@ -380,10 +380,8 @@ def bytes_per_weight(module: nn.Module, n_weights: int) -> float:
 
 def head_ratio(model: nn.Module, shapes: Shapes) -> float:
     """LM head bytes per weight over the layers' (1 unless stored differently)."""
-    body = getattr(model, "model", model)
-    head = model.lm_head if "lm_head" in model else body.embed_tokens
     layer = bytes_per_weight(model_layers(model)[0].mlp.gate_proj, shapes.hidden * shapes.intermediate)
-    return bytes_per_weight(head, shapes.vocab * shapes.hidden) / layer
+    return bytes_per_weight(lm_head(model), shapes.vocab * shapes.hidden) / layer
 
 
 def bench_decode(

@@ -35,7 +35,7 @@ from .allocation import search_allocations
 from .data import load_documents, token_windows
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import ACTIVATIONS, model_layers, unsparsify
+from .sparsify import ACTIVATIONS, lm_head, model_layers, unsparsify
 from .thresholds import Thresholds, check_destination, model_identity
 from .utils import add_model_args, cli_errors, load_from_args
 
@@ -153,7 +153,7 @@ class HeadRecorder(nn.Module):
 
 def head_weight(model: nn.Module) -> mx.array:
     """The LM head's ``[vocab, hidden]`` weight in float32 (dequantized)."""
-    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    head = lm_head(model)
     if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return mx.dequantize(head.weight, head.scales, head.biases, head.group_size, head.bits)
     return head.weight.astype(mx.float32)

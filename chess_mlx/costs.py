@@ -97,13 +97,11 @@ def projection_params(layer: "nn.Module") -> Dict[str, int]:
 
 def model_params(model: "nn.Module") -> Tuple[List[Dict[str, int]], int]:
     """Per-layer projection weights and the LM head's (read at every step)."""
-    from .sparsify import model_layers
+    from .sparsify import lm_head, model_layers
     from .thresholds import linear_dims
 
     layers = model_layers(model)
-    body = getattr(model, "model", model)
-    head = model.lm_head if "lm_head" in model else body.embed_tokens
-    vocab, hidden = head.weight.shape[0], linear_dims(layers[0].mlp.gate_proj)[0]
+    vocab, hidden = lm_head(model).weight.shape[0], linear_dims(layers[0].mlp.gate_proj)[0]
     return [projection_params(layer) for layer in layers], vocab * hidden
 
 

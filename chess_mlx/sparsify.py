@@ -502,6 +502,11 @@ def model_layers(model: nn.Module) -> list:
     return layers
 
 
+def lm_head(model: nn.Module) -> nn.Module:
+    """The module whose weight is the LM head: ``lm_head``, or the tied embedding."""
+    return model.lm_head if "lm_head" in model else getattr(model, "model", model).embed_tokens
+
+
 def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place; the model computes densely again."""
     unpatch_lm_head(model)
