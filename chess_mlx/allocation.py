@@ -416,7 +416,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from .calibrate import first_tokens, parse_speedups
+    from .calibrate import parse_speedups, spread_tokens
 
     args = setup_arg_parser().parse_args(argv)
     if argv is None:
@@ -431,7 +431,7 @@ def main(argv=None):
         model, tokenizer, _ = load_from_args(args)
         model_layers(model)  # an unsupported architecture fails here, in one line
         thresholds.validate(model)
-        windows = first_tokens(token_windows(documents, tokenizer, 2048, args.tokens), args.tokens)
+        windows = spread_tokens(token_windows(documents, tokenizer, 2048), args.tokens)
         search_allocations(model, thresholds, windows, speedups, strategy=args.strategy)
         thresholds.save(args.out)
         for target, predicted in zip(speedups, thresholds.allocation_predicted):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import __version__
 from .blas import blas_in_use, reexec_with_openblas
 from .allocation import search_allocations
-from .calibrate import calibrate, first_tokens, parse_speedups, parse_sparsities
+from .calibrate import calibrate, parse_speedups, parse_sparsities, spread_tokens
 from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity, planned_sparsity,
                     realized_head_sparsity, realized_sparsity)
 from .errors import ChessError
@@ -248,7 +248,7 @@ def calibrate_here(
         return calibrate(model, windows, sparsities, progress=progress)
     levels = sorted(set(sparsities) | set(ALLOCATION_GRID))
     thresholds = calibrate(model, windows, levels, progress=progress)
-    return search_allocations(model, thresholds, first_tokens(windows, ALLOCATION_TOKENS), speedups, progress)
+    return search_allocations(model, thresholds, spread_tokens(windows, ALLOCATION_TOKENS), speedups, progress)
 
 
 def resolve_thresholds(

@@ -280,16 +280,23 @@ def parse_sparsities(text: str) -> List[float]:
     return values
 
 
-def first_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 512) -> List[List[int]]:
-    """The first ``count`` tokens of the windows, cut into pieces of at most
-    ``length`` (attention's cost grows with the square of the length)."""
+def spread_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 256) -> List[List[int]]:
+    """About ``count`` tokens in pieces of at most ``length``, taken from
+    windows spread evenly over ``windows`` (first pieces first), so that a
+    search sees many documents, not only the first. Short pieces keep
+    attention cheap (its cost grows with the square of the length)."""
+    windows = [w for w in windows if len(w) > 1]
+    wanted = -(-count // length)
+    picks = sorted({round(i) for i in np.linspace(0, len(windows) - 1, min(wanted, len(windows)))})
     pieces, left = [], count
-    for window in windows:
-        for start in range(0, len(window), length):
+    for start in range(0, max((len(windows[i]) for i in picks), default=0), length):
+        for i in picks:
             if left <= 0:
                 return pieces
-            pieces.append(list(window[start : start + min(length, left)]))
-            left -= len(pieces[-1])
+            piece = list(windows[i][start : start + min(length, left)])
+            if len(piece) > 1:
+                pieces.append(piece)
+                left -= len(piece)
     return pieces
 
 
@@ -351,7 +358,8 @@ def main(argv=None):
         print(f"Wrote thresholds for {len(model.layers)} layers at sparsities "
               f"{', '.join(f'{s:g}' for s in sparsities)} ({args.tokens} tokens) to {args.out}")
         if speedups:
-            search_allocations(model, thresholds, first_tokens(windows, args.allocation_tokens), speedups)
+            search_windows = spread_tokens(token_windows(documents, tokenizer, args.window), args.allocation_tokens)
+            search_allocations(model, thresholds, search_windows, speedups)
             thresholds.save(args.out)
             for target, predicted in zip(speedups, thresholds.allocation_predicted):
                 print(f"  allocation for {target:g}x: ideal speed-up {predicted:.3f}x")

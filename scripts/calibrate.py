@@ -4,7 +4,7 @@
 
 Calibrates on the first 30 articles of WikiText-2 validation (../shared/data)
 at sparsities 0.1..0.9 and searches allocations (LM head input included) for
-ideal speed-ups 1.25x, 1.35x and 1.5x on the first 2048 tokens; the last 30 articles are held out for
+ideal speed-ups 1.25x, 1.35x and 1.5x on 2048 tokens spread over those articles; the last 30 articles are held out for
 evaluation. Any flag of `python -m chess_mlx.calibrate`
 can be passed and overrides the defaults below.
 """

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from chess_mlx import cpu_kernels
 from chess_mlx.allocation import (BlockProbe, allocate_budget, allocation_loss, even_allocation, greedy_path,
                                   lower_hull, record_blocks, search_allocations)
-from chess_mlx.calibrate import calibrate, first_tokens
+from chess_mlx.calibrate import calibrate, spread_tokens
 from chess_mlx.costs import allocation_speedup, model_params, projection_sparsity, skipped_params
 from chess_mlx.errors import ChessError
 from chess_mlx.sparsify import InputMajorLinear, SparseMLP, sparsify, track_sparsity, unsparsify
@@ -193,10 +193,20 @@ def test_cpu_kernel_decode_equals_reference(searched, method, setting):
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
 
 
-def test_probe_mlp_is_sparse_mlp_and_windows_are_cut(searched):
+def test_search_tokens_are_spread_over_all_windows():
+    windows = [[i] * 100 for i in range(10)] + [[99]]
+    assert [p[0] for p in spread_tokens(windows, 300, length=100)] == [0, 4, 9]  # not the first three
+    everything = spread_tokens(windows, 10_000, length=64)
+    assert sum(len(p) for p in everything) == 1000  # the one-token window has nothing to predict
+
+
+def test_probe_mlp_is_sparse_mlp_and_windows_are_spread(searched):
     model, thresholds = searched
-    windows = first_tokens(random_windows(2, 40, seed=1), 50, length=16)
-    assert [len(w) for w in windows] == [16, 16, 8, 10] and windows[3] == random_windows(2, 40, seed=1)[1][:10]
+    source = random_windows(2, 40, seed=1)
+    windows = spread_tokens(source, 50, length=16)
+    # Every window's first piece before any second piece; 50 tokens in all.
+    assert [len(w) for w in windows] == [16, 16, 16, 2]
+    assert windows[1] == source[1][:16] and windows[2] == source[0][16:32]
     records = record_blocks(model, windows, progress=False)
     probe = BlockProbe(model, 1, "mlp", records[1]["mlp"], thresholds)
     cases = [{"mlp_in": 0.3, "gate": 0.5, "down_in": 0.6}, {"mlp_in": 0.6, "gate": 0.2}, {"gate": 0.4}, {"down_in": 0.5}]
