@@ -407,7 +407,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", required=True, help="Thresholds file from chess_mlx.calibrate")
     parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files (as for calibration)")
     parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. ':30'")
-    parser.add_argument("--tokens", type=int, default=2048, help="Tokens for the search")
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="Tokens for the search, in 256-token pieces spread over all the documents given")
     parser.add_argument("--speedup", default="1.25,1.35,1.5", help="Comma-separated target ideal speed-ups")
     parser.add_argument("--strategy", choices=STRATEGIES, default="even",
                         help="Spread the budget evenly over blocks (TEAL) or by the cheapest error per weight")

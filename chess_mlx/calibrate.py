@@ -325,7 +325,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speedup", default="1.25,1.35,1.5",
                         help="Target ideal speed-ups to search per-layer allocations for (method alloc)")
     parser.add_argument("--allocation-tokens", type=int, default=2048,
-                        help="Tokens (the first of the calibration windows) for the allocation search; 0 skips it")
+                        help="Tokens for the allocation search, spread over all the documents given; 0 skips it")
     parser.add_argument("--out", required=True, help="Output thresholds file (.safetensors)")
     return parser
 
