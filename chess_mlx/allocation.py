@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .blas import reexec_with_openblas
-from .data import load_documents, token_windows
+from .data import load_documents
 from .errors import ChessError
 from .sparsify import ACTIVATIONS, InputSparseLinear, model_layers, sparsify, unsparsify
 from .costs import allocation_speedup, model_params, skipped_params
@@ -408,7 +408,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="+", required=True, help="Text or JSONL files (as for calibration)")
     parser.add_argument("--documents", default=None, help="A slice of the documents, e.g. ':30'")
     parser.add_argument("--tokens", type=int, default=2048,
-                        help="Tokens for the search, in 256-token pieces spread over all the documents given")
+                        help="Tokens for the search, in 256-token pieces spread over the documents (their first 64x as many tokens)")
     parser.add_argument("--speedup", default="1.25,1.35,1.5", help="Comma-separated target ideal speed-ups")
     parser.add_argument("--strategy", choices=STRATEGIES, default="even",
                         help="Spread the budget evenly over blocks (TEAL) or by the cheapest error per weight")
@@ -417,7 +417,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from .calibrate import parse_speedups, spread_tokens
+    from .calibrate import parse_speedups, search_windows
 
     args = setup_arg_parser().parse_args(argv)
     if argv is None:
@@ -432,7 +432,7 @@ def main(argv=None):
         model, tokenizer, _ = load_from_args(args)
         model_layers(model)  # an unsupported architecture fails here, in one line
         thresholds.validate(model)
-        windows = spread_tokens(token_windows(documents, tokenizer, 2048), args.tokens)
+        windows = search_windows(documents, tokenizer, args.tokens)
         search_allocations(model, thresholds, windows, speedups, strategy=args.strategy)
         thresholds.save(args.out)
         for target, predicted in zip(speedups, thresholds.allocation_predicted):

@@ -42,6 +42,8 @@ from .utils import add_model_args, cli_errors, load_from_args
 STATISTICS = ("mean_abs", "rms")
 # Tokens whose next-token distributions weight the LM head's input channels.
 HEAD_WEIGHT_TOKENS = 2048
+# The allocation search's pieces come from the data's first this-many times its tokens.
+SEARCH_SPAN = 64
 
 
 def quantiles(values: mx.array, levels: Sequence[float]) -> mx.array:
@@ -300,6 +302,13 @@ def spread_tokens(windows: Sequence[Sequence[int]], count: int, length: int = 25
     return pieces
 
 
+def search_windows(documents: Sequence[str], tokenizer, count: int, window: int = 2048) -> List[List[int]]:
+    """The allocation search's ``count`` tokens, spread over the windows of
+    the documents' first SEARCH_SPAN * count tokens (all of a 30-article
+    WikiText slice at the default 2048; a large corpus is not tokenized whole)."""
+    return spread_tokens(token_windows(documents, tokenizer, window, at_most=SEARCH_SPAN * count), count)
+
+
 def parse_speedups(text: str) -> List[float]:
     """Comma-separated target ideal speed-ups, each above 1."""
     values = parse_numbers(text, "--speedup")
@@ -325,7 +334,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speedup", default="1.25,1.35,1.5",
                         help="Target ideal speed-ups to search per-layer allocations for (method alloc)")
     parser.add_argument("--allocation-tokens", type=int, default=2048,
-                        help="Tokens for the allocation search, spread over all the documents given; 0 skips it")
+                        help="Tokens for the allocation search, spread over the documents (their first 64x as many tokens); 0 skips it")
     parser.add_argument("--out", required=True, help="Output thresholds file (.safetensors)")
     return parser
 
@@ -358,8 +367,8 @@ def main(argv=None):
         print(f"Wrote thresholds for {len(model.layers)} layers at sparsities "
               f"{', '.join(f'{s:g}' for s in sparsities)} ({args.tokens} tokens) to {args.out}")
         if speedups:
-            search_windows = spread_tokens(token_windows(documents, tokenizer, args.window), args.allocation_tokens)
-            search_allocations(model, thresholds, search_windows, speedups)
+            pieces = search_windows(documents, tokenizer, args.allocation_tokens, args.window)
+            search_allocations(model, thresholds, pieces, speedups)
             thresholds.save(args.out)
             for target, predicted in zip(speedups, thresholds.allocation_predicted):
                 print(f"  allocation for {target:g}x: ideal speed-up {predicted:.3f}x")

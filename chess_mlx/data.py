@@ -96,6 +96,7 @@ def token_windows(
     window: int,
     num_tokens: Optional[int] = None,
     min_window: int = 32,
+    at_most: Optional[int] = None,
 ) -> List[List[int]]:
     """Split each document's tokens into windows of at most ``window`` tokens
     (each starting with the tokenizer's BOS, if it adds one).
@@ -103,8 +104,10 @@ def token_windows(
     Windows never cross documents; a document's tail shorter than
     ``min_window`` is dropped. With ``num_tokens`` the windows hold exactly
     that many text tokens (BOS not counted), or a ChessError says how many
-    the data has.
+    the data has. With ``at_most`` they stop there, or hold all the data if
+    it has fewer (no error), and later documents are not tokenized.
     """
+    limit = num_tokens if num_tokens is not None else at_most
     windows, total = [], 0
     for doc in documents:
         prefix, tokens = encode_document(tokenizer, doc)
@@ -113,11 +116,11 @@ def token_windows(
             piece = tokens[start : start + step]
             if len(piece) + len(prefix) < min_window:
                 continue
-            if num_tokens is not None:
-                piece = piece[: num_tokens - total]
+            if limit is not None:
+                piece = piece[: limit - total]
             windows.append(prefix + piece)
             total += len(piece)
-            if num_tokens is not None and total >= num_tokens:
+            if limit is not None and total >= limit:
                 return windows
     if num_tokens is not None:
         raise ChessError(

@@ -55,6 +55,21 @@ def test_windows_exact_count_and_shortage():
     assert [len(w) for w in token_windows(docs, ByteTokenizer(), window=40, min_window=32)] == [40, 40, 40]
 
 
+def test_windows_at_most_stop_early_without_error():
+    seen = []
+
+    class Recording(ByteTokenizer):
+        def encode(self, text: str) -> list:
+            seen.append(text[0])
+            return super().encode(text)
+
+    docs = ["x" * 100, "y" * 10, "z" * 70]
+    windows = token_windows(docs, Recording(), window=40, min_window=5, at_most=90)
+    assert [len(w) for w in windows] == [40, 40, 10] and seen == ["x"]  # the later documents are never tokenized
+    assert token_windows(docs, ByteTokenizer(), window=40, min_window=5, at_most=1000) == token_windows(
+        docs, ByteTokenizer(), window=40, min_window=5)  # fewer tokens than at_most: all of them
+
+
 class BosTokenizer(ByteTokenizer):
     """Starts every text with BOS (id 50, no letter), as Gemma's tokenizer does."""
 
