@@ -31,7 +31,7 @@ from .costs import (layers_speedup, model_params, planned_head_sparsity, planned
                     realized_sparsity)
 from .data import load_documents
 from .errors import ChessError
-from .perplexity import eval_ppl, ppl_windows
+from .perplexity import eval_ppl, format_change, paired_change, ppl_windows
 from .sparsify import (METHODS, configurations, format_sparsity, parse_methods, sparsify, target_label,
                        track_sparsity, unsparsify)
 from .thresholds import check_destination
@@ -209,9 +209,11 @@ def evaluate(
     (from chess_mlx.perplexity.ppl_windows), each task's metrics, the mean
     acc_norm, the realized sparsity per projection kind (over the
     perplexity text when there is one: task batches count their padding) and
-    the ideal speed-up, targeted and realized. ``alloc`` runs at each of
+    the ideal speed-up, targeted and realized; rows after a dense one get their
+    perplexity change against it (``vs_dense``, paired per window, with its
+    standard error). ``alloc`` runs at each of
     ``speedups``, the other methods at each of ``sparsities``."""
-    rows = []
+    rows, dense = [], None
     layer_params, head = model_params(unsparsify(model))
     for method, setting in configurations(methods, sparsities, speedups):
         if method == "dense":
@@ -228,6 +230,10 @@ def evaluate(
             with track_sparsity(model) as tracker:
                 row["perplexity"] = eval_ppl(model, windows[0], progress, scored=windows[1])
             row["realized_sparsity"] = tracker.summary()
+            if method == "dense":
+                dense = row["perplexity"]
+            elif dense is not None:
+                row["vs_dense"] = paired_change(row["perplexity"], dense)
             per_layer = tracker.sparsity()
         with track_sparsity(model) as tracker:
             row["tasks"] = {t.name: eval_task(model, tokenizer, t, batch_size, progress) for t in tasks}
@@ -252,6 +258,7 @@ def table_cells(row: dict, task_names: Sequence[str], has_ppl: bool = True) -> L
     cells = [row["method"], row["target"], f"{row['ideal_speedup']:.2f}x", f"{row['ideal_speedup_realized']:.2f}x"]
     if has_ppl:
         cells.append(f"{row['perplexity']['ppl']:.3f}" if "perplexity" in row else "-")
+        cells.append(format_change(row["vs_dense"]) if "vs_dense" in row else "-")
     for name in task_names:
         t = row.get("tasks", {}).get(name)
         cells.append(f"{100 * t['acc_norm']:.1f} ± {100 * t['acc_norm_stderr']:.1f}" if t else "-")
@@ -262,7 +269,8 @@ def table_cells(row: dict, task_names: Sequence[str], has_ppl: bool = True) -> L
 
 
 def table_header(has_ppl: bool, task_names: Sequence[str]) -> List[str]:
-    header = ["method", "target", "ideal", "realized ideal"] + (["ppl"] if has_ppl else []) + list(task_names)
+    header = ["method", "target", "ideal", "realized ideal"] + (["ppl", "vs dense"] if has_ppl else [])
+    header += list(task_names)
     return header + (["mean"] if task_names else []) + ["realized sparsity"]
 
 

@@ -38,7 +38,8 @@ def eval_ppl(
     scored: Optional[Sequence[int]] = None,
 ) -> Dict[str, float]:
     """Perplexity over windows (each scored independently) with the standard
-    error of the mean token loss, estimated from per-window losses.
+    error of the mean token loss, estimated from per-window losses (returned
+    too, for :func:`paired_change`).
 
     ``scored`` gives, per window, how many of its last tokens count (the rest
     is context, see :func:`strided_windows`); by default all but the first.
@@ -57,7 +58,26 @@ def eval_ppl(
     stderr = np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum()
     if not math.isfinite(mean):
         raise ChessError("the model produced non-finite losses")
-    return {"ppl": math.exp(mean), "loss": mean, "loss_stderr": stderr, "tokens": int(counts.sum())}
+    return {"ppl": math.exp(mean), "loss": mean, "loss_stderr": stderr, "tokens": int(counts.sum()),
+            "window_nll": losses.tolist(), "window_tokens": counts.tolist()}
+
+
+def paired_change(result: Dict, reference: Dict) -> Dict[str, float]:
+    """Relative perplexity change of ``result`` against ``reference`` on the
+    same windows, with its standard error from the per-window differences
+    (paired: the text's own difficulty cancels, so small changes resolve)."""
+    counts = np.array(result["window_tokens"])
+    if not np.array_equal(counts, reference["window_tokens"]):
+        raise ChessError("perplexities measured on different windows cannot be paired")
+    per_window = (np.array(result["window_nll"]) - np.array(reference["window_nll"])) / counts
+    mean = float(np.sum(per_window * counts) / counts.sum())
+    stderr = float(np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum())
+    return {"ppl_change": math.expm1(mean), "ppl_change_stderr": math.exp(mean) * stderr}
+
+
+def format_change(change: Dict[str, float]) -> str:
+    """'+8.7% ± 0.4' (the paired standard error, in percentage points)."""
+    return f"{100 * change['ppl_change']:+.1f}% ± {100 * change['ppl_change_stderr']:.1f}"
 
 
 def strided_windows(
@@ -136,7 +156,8 @@ def main(argv=None):
         thresholds = resolve_thresholds(model, args.thresholds, methods)
         windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
-        print(f"{'method':8} {'target':>8} {'ppl':>9} {'+-loss':>7}  realized sparsity")
+        print(f"{'method':8} {'target':>8} {'ppl':>9} {'+-loss':>7} {'vs dense':>13}  realized sparsity")
+        dense = None
         for method, setting in configurations(methods, sparsities, speedups):
             if method == "dense":
                 unsparsify(model)
@@ -145,8 +166,10 @@ def main(argv=None):
             with track_sparsity(model) as tracker:
                 result = eval_ppl(model, windows, scored=scored)
             realized = format_sparsity(tracker.summary())
-            print(f"{method:8} {target_label(method, setting):>8} {result['ppl']:9.3f} {result['loss_stderr']:7.4f}  "
-                  f"{realized}", flush=True)
+            dense = result if method == "dense" else dense
+            change = "-" if dense is None or method == "dense" else format_change(paired_change(result, dense))
+            print(f"{method:8} {target_label(method, setting):>8} {result['ppl']:9.3f} {result['loss_stderr']:7.4f} "
+                  f"{change:>13}  {realized}", flush=True)
 
 
 if __name__ == "__main__":

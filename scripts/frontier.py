@@ -22,7 +22,8 @@ from chess_mlx.calibrate import parse_speedups
 def merge_rows(reports):
     """One row per (method, target): a configuration measured in several runs
     (perplexity in one, tasks in another) gets the fields of all of them,
-    the first run's where both have one."""
+    the first run's where both have one. The change against dense stays
+    with the perplexity it was measured with."""
     merged = {}
     for report in reports:
         for row in report["rows"]:
@@ -30,8 +31,10 @@ def merge_rows(reports):
             for field, value in row.items():
                 if field == "tasks":
                     entry["tasks"] = {**value, **entry.get("tasks", {})}
-                else:
+                elif field != "vs_dense":
                     entry.setdefault(field, value)
+            if "vs_dense" in row and entry.get("perplexity") is row.get("perplexity"):
+                entry["vs_dense"] = row["vs_dense"]
     return list(merged.values())
 
 

@@ -34,7 +34,7 @@ from chess_mlx.evaluate import (
     setup_arg_parser,
     task_metrics,
 )
-from chess_mlx.perplexity import eval_ppl, ppl_windows, token_windows, window_nll
+from chess_mlx.perplexity import eval_ppl, format_change, paired_change, ppl_windows, token_windows, window_nll
 from chess_mlx.sparsify import sparsify, unsparsify
 
 
@@ -185,8 +185,13 @@ def test_evaluate_rows_per_method_and_sparsity(llama, thresholds):
     assert rows[1]["mean_acc_norm"] == rows[1]["tasks"]["toy"]["acc_norm"]
     assert not any(hasattr(m, "_tracker") for _, m in llama.named_modules() if type(m).__name__.startswith("Sparse"))
     table = markdown_table(rows, ["toy"]).splitlines()
-    assert table[0] == "| method | target | ideal | realized ideal | ppl | toy | mean | realized sparsity |"
+    assert table[0] == "| method | target | ideal | realized ideal | ppl | vs dense | toy | mean | realized sparsity |"
     assert len(table) == 7
+    assert "vs_dense" not in rows[0]
+    for row in rows[1:]:  # paired on the same windows, the change is the ratio of perplexities
+        change = row["vs_dense"]["ppl_change"]
+        assert change == pytest.approx(row["perplexity"]["ppl"] / rows[0]["perplexity"]["ppl"] - 1, rel=1e-6)
+        assert row["vs_dense"]["ppl_change_stderr"] > 0
     ideal = [r["ideal_speedup"] for r in rows]
     assert ideal[0] == 1.0 and 1 < ideal[1] < ideal[2] < ideal[4] and ideal[3] > ideal[1]
     for row in rows[1:]:  # the realized sparsity is near the target on the calibration's own kind of data
@@ -340,6 +345,18 @@ def test_cli_on_smollm2(tmp_path):
     assert abs(rows[1]["realized_sparsity"]["gate"] - 0.5) < 0.15
 
 
+def test_paired_change_standard_error_by_hand():
+    dense = {"window_nll": [10.0, 20.0], "window_tokens": [10, 10]}
+    sparse = {"window_nll": [11.0, 20.0], "window_tokens": [10, 10]}
+    change = paired_change(sparse, dense)
+    # per-window loss differences 0.1 and 0.0: mean 0.05, stderr sqrt(100*(0.05^2)*2)/20 = 0.0354
+    assert change["ppl_change"] == pytest.approx(math.expm1(0.05))
+    assert change["ppl_change_stderr"] == pytest.approx(math.exp(0.05) * math.sqrt(2 * 100 * 0.05**2) / 20)
+    assert format_change(change) == "+5.1% ± 3.7"
+    with pytest.raises(ChessError, match="different windows"):
+        paired_change(sparse, {"window_nll": [10.0], "window_tokens": [10]})
+
+
 def test_methods_compare_at_equal_realized_sparsity():
     def row(method, gate, ppl, acc):
         return {"method": method, "sparsity": 0.5, "realized_sparsity": {"gate": gate},
@@ -398,17 +415,21 @@ def test_frontier_merges_a_perplexity_run_with_a_task_run(tmp_path):
 
     toy = {"acc_norm": 0.4, "acc_norm_stderr": 0.05}
     ppl_run = {"tasks": {}, "rows": [row("dense", "0.00", 1.0, perplexity={"ppl": 10.0}),
-                                     row("teal", "0.30", 1.3, perplexity={"ppl": 11.0}),
+                                     row("teal", "0.30", 1.3, perplexity={"ppl": 11.0},
+                                         vs_dense={"ppl_change": 0.1, "ppl_change_stderr": 0.02}),
                                      row("teal", "0.50", 1.6, perplexity={"ppl": 15.0})]}
     task_run = {"tasks": {"toy": "toy.json"}, "rows": [
-        row("teal", "0.30", 1.3, perplexity={"ppl": 99.0}, mean_acc_norm=0.4, tasks={"toy": toy})]}
+        row("teal", "0.30", 1.3, perplexity={"ppl": 99.0}, mean_acc_norm=0.4, tasks={"toy": toy},
+            vs_dense={"ppl_change": 8.9, "ppl_change_stderr": 0.5}),
+        row("teal", "0.50", 1.6, perplexity={"ppl": 30.0}, vs_dense={"ppl_change": 2.0, "ppl_change_stderr": 0.1})]}
     rows = frontier.merge_rows([ppl_run, task_run])
     assert len(rows) == 3
     teal = rows[1]
     assert teal["perplexity"]["ppl"] == 11.0  # the first run's value wins
     assert teal["tasks"] == {"toy": toy} and teal["mean_acc_norm"] == 0.4
     table = markdown_table(rows, ["toy"])
-    assert "| teal | 0.30 | 1.30x | 1.30x | 11.000 | 40.0 ± 5.0 | 40.0 | - |" in table
-    assert "| teal | 0.50 | 1.60x | 1.60x | 15.000 | - | - | - |" in table
+    assert "| teal | 0.30 | 1.30x | 1.30x | 11.000 | +10.0% ± 2.0 | 40.0 ± 5.0 | 40.0 | - |" in table
+    # the second run's change against dense belongs to its perplexity, not to the first run's
+    assert "| teal | 0.50 | 1.60x | 1.60x | 15.000 | - | - | - | - |" in table
     plot_quality(rows, str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
