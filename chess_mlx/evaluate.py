@@ -434,6 +434,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=512, help="Tokens per perplexity window")
     parser.add_argument("--stride", type=int, default=None, help="Start a window every N tokens (default: --window)")
     parser.add_argument("--tokens", type=int, default=None, help="Perplexity over only the first N tokens")
+    parser.add_argument("--spread", action="store_true",
+                        help="With --tokens: windows spread evenly over all the documents, not the first N tokens")
     parser.add_argument("--tasks", nargs="+", default=[], help="BIG-bench multiple-choice JSON files")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N examples of each task")
     parser.add_argument("--batch-size", type=int, default=8, help="Choices scored per forward pass")
@@ -450,6 +452,8 @@ def check_args(args: argparse.Namespace):
     parse_speedups(args.speedup)
     if not args.ppl and not args.tasks:
         raise ChessError("nothing to evaluate: pass --ppl FILES and/or --tasks FILES")
+    if args.spread and args.tokens is None:
+        raise ChessError("--spread needs --tokens (how many tokens to spread over the documents)")
     for flag in ("limit", "tokens", "batch_size", "window", "stride"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -467,7 +471,7 @@ def run(args: argparse.Namespace, model: nn.Module, tokenizer, name: str) -> Lis
     windows = None
     if args.ppl:
         documents = load_documents(args.ppl, args.documents)
-        windows = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
+        windows = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens, args.spread)
         if not windows[0]:
             raise ChessError("the --ppl documents are too short for a perplexity window")
     task_names = [t.name for t in tasks]
@@ -513,7 +517,8 @@ def write_outputs(args: argparse.Namespace, rows: List[dict], task_names: List[s
             "model": name,
             "thresholds": args.thresholds or ("shipped" if thresholds else None),
             "perplexity": {"files": args.ppl, "documents": args.documents, "window": args.window,
-                           "stride": args.stride, "tokens": args.tokens} if args.ppl else None,
+                           "stride": args.stride, "tokens": args.tokens, "spread": args.spread}
+            if args.ppl else None,
             "tasks": dict(zip(task_names, args.tasks)),
             "limit": args.limit,
             "rows": rows,

@@ -118,12 +118,31 @@ def strided_windows(
 
 
 def ppl_windows(documents: Sequence[str], tokenizer, window: int, stride: Optional[int] = None,
-                num_tokens: Optional[int] = None) -> Tuple[List[List[int]], List[int]]:
-    """Non-overlapping windows (stride None) or strided ones, with scored counts."""
+                num_tokens: Optional[int] = None, spread: bool = False) -> Tuple[List[List[int]], List[int]]:
+    """Non-overlapping windows (stride None) or strided ones, with scored counts.
+    ``num_tokens`` takes the first tokens of the documents, or with ``spread``
+    windows spread evenly over all of them."""
+    if spread:
+        if num_tokens is None:
+            raise ChessError("--spread needs --tokens (how many tokens to spread over the documents)")
+        return spread_windows(*ppl_windows(documents, tokenizer, window, stride), num_tokens)
     if stride is None:
         windows = token_windows(documents, tokenizer, window, num_tokens)
         return windows, [len(w) - 1 for w in windows]
     return strided_windows(documents, tokenizer, window, stride, num_tokens)
+
+
+def spread_windows(windows: Sequence[List[int]], scored: Sequence[int],
+                   num_tokens: int) -> Tuple[List[List[int]], List[int]]:
+    """The fewest windows, evenly spaced over ``windows``, that score at least
+    ``num_tokens`` tokens: a text's first tokens are a few documents only."""
+    if sum(scored) < num_tokens:
+        raise ChessError(f"the data holds only {sum(scored)} tokens, {num_tokens} asked (lower --tokens or add data)")
+    for count in range(1, len(windows) + 1):
+        picks = sorted({round(i) for i in np.linspace(0, len(windows) - 1, count)})
+        if sum(scored[i] for i in picks) >= num_tokens:
+            return [windows[i] for i in picks], [scored[i] for i in picks]
+    return list(windows), list(scored)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -135,6 +154,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=None,
                         help="Start a window every N tokens, scoring only its new tokens (default: --window, no overlap)")
     parser.add_argument("--tokens", type=int, default=None, help="Evaluate only the first N tokens")
+    parser.add_argument("--spread", action="store_true",
+                        help="With --tokens: windows spread evenly over all the documents, not the first N tokens")
     parser.add_argument("--thresholds", default=None, help="Thresholds file (default: the shipped one)")
     parser.add_argument("--methods", default="dense,chess", help=f"Comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--sparsity", default="0.5", help="Comma-separated target sparsities")
@@ -154,7 +175,7 @@ def main(argv=None):
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
         thresholds = resolve_thresholds(model, args.thresholds, methods)
-        windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens)
+        windows, scored = ppl_windows(documents, tokenizer, args.window, args.stride, args.tokens, args.spread)
         print(f"{name}: {sum(len(w) for w in windows)} tokens in {len(windows)} windows of <= {args.window}")
         print(f"{'method':8} {'target':>8} {'ppl':>9} {'+-loss':>7} {'vs dense':>13}  realized sparsity")
         dense = None

@@ -345,6 +345,21 @@ def test_cli_on_smollm2(tmp_path):
     assert abs(rows[1]["realized_sparsity"]["gate"] - 0.5) < 0.15
 
 
+def test_spread_windows_cover_the_documents_evenly():
+    tokenizer = CharTokenizer()
+    documents = [chr(97 + i) * 200 for i in range(10)]  # ten documents of 200 characters
+    windows, scored = ppl_windows(documents, tokenizer, 64, num_tokens=500, spread=True)
+    assert sum(scored) >= 500 and len(windows) == 8  # 63 scored per window, three per document
+    letters = {w[-1] for w in windows}
+    assert len(letters) >= 8  # from nearly every document, not the first two or three
+    first, _ = ppl_windows(documents, tokenizer, 64, num_tokens=500)
+    assert len({w[-1] for w in first}) <= 3
+    with pytest.raises(ChessError, match="needs --tokens"):
+        ppl_windows(documents, tokenizer, 64, spread=True)
+    with pytest.raises(ChessError, match="holds only"):
+        ppl_windows(documents, tokenizer, 64, num_tokens=10**6, spread=True)
+
+
 def test_paired_change_standard_error_by_hand():
     dense = {"window_nll": [10.0, 20.0], "window_tokens": [10, 10]}
     sparse = {"window_nll": [11.0, 20.0], "window_tokens": [10, 10]}
