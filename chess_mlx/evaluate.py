@@ -31,7 +31,7 @@ from .costs import (layers_speedup, model_params, planned_head_sparsity, planned
                     realized_sparsity)
 from .data import load_documents
 from .errors import ChessError
-from .perplexity import eval_ppl, format_change, paired_change, ppl_windows
+from .perplexity import check_positive, check_spread, eval_ppl, format_change, paired_change, ppl_windows
 from .sparsify import (METHODS, configurations, format_sparsity, parse_methods, sparsify, target_label,
                        track_sparsity, unsparsify)
 from .thresholds import check_destination
@@ -452,12 +452,8 @@ def check_args(args: argparse.Namespace):
     parse_speedups(args.speedup)
     if not args.ppl and not args.tasks:
         raise ChessError("nothing to evaluate: pass --ppl FILES and/or --tasks FILES")
-    if args.spread and args.tokens is None:
-        raise ChessError("--spread needs --tokens (how many tokens to spread over the documents)")
-    for flag in ("limit", "tokens", "batch_size", "window", "stride"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ChessError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    check_spread(args.tokens, args.spread)
+    check_positive(args, "limit", "tokens", "batch_size", "window", "stride")
     for path in (args.output, args.markdown, args.plot):
         if path is not None:
             check_destination(path)

@@ -53,13 +53,18 @@ def eval_ppl(
         losses.append(nll.item())
         counts.append(count)
     losses, counts = np.array(losses), np.array(counts)
-    mean = losses.sum() / counts.sum()
-    per_window = losses / counts
-    stderr = np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum()
+    mean, stderr = token_mean(losses / counts, counts)
     if not math.isfinite(mean):
         raise ChessError("the model produced non-finite losses")
     return {"ppl": math.exp(mean), "loss": mean, "loss_stderr": stderr, "tokens": int(counts.sum()),
             "window_nll": losses.tolist(), "window_tokens": counts.tolist()}
+
+
+def token_mean(per_window: np.ndarray, counts: np.ndarray) -> Tuple[float, float]:
+    """Token-weighted mean of per-window means and its standard error,
+    estimated from the spread of the windows."""
+    mean = float(np.sum(per_window * counts) / counts.sum())
+    return mean, float(np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum())
 
 
 def paired_change(result: Dict, reference: Dict) -> Dict[str, float]:
@@ -69,9 +74,7 @@ def paired_change(result: Dict, reference: Dict) -> Dict[str, float]:
     counts = np.array(result["window_tokens"])
     if not np.array_equal(counts, reference["window_tokens"]):
         raise ChessError("perplexities measured on different windows cannot be paired")
-    per_window = (np.array(result["window_nll"]) - np.array(reference["window_nll"])) / counts
-    mean = float(np.sum(per_window * counts) / counts.sum())
-    stderr = float(np.sqrt(np.sum(counts**2 * (per_window - mean) ** 2)) / counts.sum())
+    mean, stderr = token_mean((np.array(result["window_nll"]) - np.array(reference["window_nll"])) / counts, counts)
     return {"ppl_change": math.expm1(mean), "ppl_change_stderr": math.exp(mean) * stderr}
 
 
@@ -122,14 +125,26 @@ def ppl_windows(documents: Sequence[str], tokenizer, window: int, stride: Option
     """Non-overlapping windows (stride None) or strided ones, with scored counts.
     ``num_tokens`` takes the first tokens of the documents, or with ``spread``
     windows spread evenly over all of them."""
+    check_spread(num_tokens, spread)
     if spread:
-        if num_tokens is None:
-            raise ChessError("--spread needs --tokens (how many tokens to spread over the documents)")
         return spread_windows(*ppl_windows(documents, tokenizer, window, stride), num_tokens)
     if stride is None:
         windows = token_windows(documents, tokenizer, window, num_tokens)
         return windows, [len(w) - 1 for w in windows]
     return strided_windows(documents, tokenizer, window, stride, num_tokens)
+
+
+def check_positive(args: argparse.Namespace, *flags: str):
+    """A one-line error for a given count flag below 1."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ChessError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+
+
+def check_spread(num_tokens: Optional[int], spread: bool):
+    if spread and num_tokens is None:
+        raise ChessError("--spread needs --tokens (how many tokens to spread over the documents)")
 
 
 def spread_windows(windows: Sequence[List[int]], scored: Sequence[int],
@@ -172,6 +187,8 @@ def main(argv=None):
         methods = parse_methods(args.methods)
         sparsities = parse_sparsities(args.sparsity)
         speedups = parse_speedups(args.speedup)
+        check_positive(args, "window", "stride", "tokens")
+        check_spread(args.tokens, args.spread)
         documents = load_documents(args.data, args.documents)
         model, tokenizer, name = load_from_args(args)
         thresholds = resolve_thresholds(model, args.thresholds, methods)

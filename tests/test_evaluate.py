@@ -228,10 +228,26 @@ def test_run_writes_json_markdown_and_plot(llama, thresholds, tmp_path, capsys):
     (["--methods", "dense"], "nothing to evaluate"),
     (["--tasks", "x.json", "--limit", "0"], "--limit must be positive"),
     (["--tasks", "x.json", "--output", "no/such/folder/r.json"], "does not exist"),
+    (["--ppl", "x.txt", "--spread"], "--spread needs --tokens"),
 ])
 def test_cli_errors_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "0"], "--window must be positive"),
+    (["--tokens", "-3"], "--tokens must be positive"),
+    (["--spread"], "--spread needs --tokens"),
+])
+def test_perplexity_cli_errors_before_loading(argv, message, capsys):
+    from chess_mlx.perplexity import main as perplexity_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        perplexity_main(["--data", "no/such/file.txt", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
