@@ -56,12 +56,12 @@ def relayout_ready(linear: nn.Module) -> bool:
 class QuantizedInputMajorLinear(nn.Module):
     """A QuantizedLinear re-laid input-major (see the module docstring).
 
-    One-token calls with ``kernels`` run the quantized input-sparse GEMV with
-    nothing dropped; prompts rebuild the stock layout on the fly and use MLX's
-    quantized matmul, so their results equal the stock layer's exactly.
+    Decode calls :meth:`sparse_gemv`; prompts rebuild the stock layout on the
+    fly and use MLX's quantized matmul, so their results equal the stock
+    layer's exactly.
     """
 
-    def __init__(self, linear: nn.QuantizedLinear, kernels=None):
+    def __init__(self, linear: nn.QuantizedLinear):
         super().__init__()
         self.group_size, self.bits = linear.group_size, linear.bits
         self.wq = pack_codes(unpack_codes(linear.weight, self.bits).T, self.bits)
@@ -69,7 +69,6 @@ class QuantizedInputMajorLinear(nn.Module):
         self.biases = mx.contiguous(linear.biases.T)
         if "bias" in linear:
             self.bias = linear.bias
-        self._kernels = kernels
 
     def stock_arrays(self):
         """``(weight, scales, biases)`` in QuantizedLinear's own layout."""
@@ -82,12 +81,9 @@ class QuantizedInputMajorLinear(nn.Module):
         )
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self._kernels is not None and x.size == x.shape[-1]:
-            y = self.sparse_gemv(self._kernels, x, 0.0).reshape(*x.shape[:-1], -1)
-        else:
-            weight, scales, biases = self.stock_arrays()
-            y = mx.quantized_matmul(x, weight, scales, biases, transpose=True,
-                                    group_size=self.group_size, bits=self.bits)
+        weight, scales, biases = self.stock_arrays()
+        y = mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+                                group_size=self.group_size, bits=self.bits)
         return y + self.bias if "bias" in self else y
 
     def to_linear(self) -> nn.QuantizedLinear:

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from chess_mlx import cpu_kernels as ck
 from chess_mlx.calibrate import calibrate
 from chess_mlx.quantized import QuantizedInputMajorLinear, relayout_ready, unpack_codes
-from chess_mlx.sparsify import KernelHeadEmbedding, sparsify, unsparsify
+from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, sparsify, unsparsify
 
 if not ck.module_present():
     pytest.skip("compiled module chess_mlx._cpu_kernels not built", allow_module_level=True)
@@ -157,7 +157,10 @@ def test_quantized_decode_with_kernels_equals_reference(quantized_llama, method)
     sparsify(model, thresholds, method, 0.5, kernels=ck)
     layer = model.layers[0]
     assert isinstance(layer.mlp.dense.down_proj, QuantizedInputMajorLinear)
-    assert isinstance(layer.mlp.dense.gate_proj, QuantizedInputMajorLinear)
+    # gate_proj is re-laid only where its input is thresholded (teal)
+    gate_type = QuantizedInputMajorLinear if method == "teal" else KernelLinear
+    assert isinstance(layer.mlp.dense.gate_proj, gate_type)
+    assert isinstance(layer.self_attn.k_proj, KernelLinear) == (method != "teal")
     assert isinstance(model.model.embed_tokens, KernelHeadEmbedding)
     tokens, result = greedy_tokens(model, prompt, 6)
     unsparsify(model)
