@@ -7,9 +7,11 @@
 End to end: tokens/s of greedy decoding (a short prompt prefilled into a KV
 cache, then single-token steps, each evaluated) for stock mlx-lm (the
 unpatched model), our dense path (patched at sparsity 0: the kernels keep
-every channel) and every method at every sparsity. Configs are interleaved
-rep by rep so that changing machine load hits them alike; realized sparsity
-comes from a separate untimed pass. Kernel level: time of each projection's
+every channel) and every method at every sparsity. Each config decodes on
+its own copy of the model (the weights and their re-layouts shared), and
+the configs take turns step by step, so that changing machine load hits
+them alike: speed-ups are medians of step times paired within one turn.
+Realized sparsity comes from a separate untimed pass. Kernel level: time of each projection's
 sparse GEMV versus the kept fraction of channels, beside the ideal (kept
 fraction times the kernel's time at 1) and MLX's dense matmul.
 
@@ -18,6 +20,7 @@ per-layer allocation) at each target ideal speed-up of --speedup.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -46,8 +49,8 @@ from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity,
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear
 from .sparsify import (
-    configurations, default_kernels, kernel_backend, lm_head, model_layers, out_gemv, parse_methods, sparsify,
-    target_label, track_sparsity, unsparsify,
+    configurations, default_kernels, kernel_backend, lm_head, model_layers, out_gemv, parse_methods,
+    shared_relayouts, sparsify, target_label, track_sparsity, unsparsify,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
 from .utils import DTYPES, cli_errors, load, shipped_thresholds
@@ -322,13 +325,32 @@ def decode_steps(model: nn.Module, cache: list, y: mx.array, steps: int) -> mx.a
     return y
 
 
-def decode_speed(model: nn.Module, prompt: mx.array, steps: int, warmup: int) -> float:
-    """Tokens/s of ``steps`` decode steps after ``warmup`` untimed ones."""
-    cache, y = prefill(model, prompt)
-    y = decode_steps(model, cache, y, warmup)
-    start = time.perf_counter()
-    decode_steps(model, cache, y, steps)
-    return steps / (time.perf_counter() - start)
+def clone(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` holding the same weight arrays (no memory copied)."""
+    return copy.deepcopy(model, {id(a): a for _, a in tree_flatten(model.parameters())})
+
+
+def swap_kernels(model: nn.Module, old, new):
+    """Point the patched modules that decode through ``old`` at ``new``."""
+    for _, module in model.named_modules():
+        if getattr(module, "_kernels", None) is old:
+            module._kernels = new
+
+
+def interleaved_step_times(models: Sequence[nn.Module], prompt: mx.array, settings: Settings) -> np.ndarray:
+    """Seconds of each timed decode step, ``[steps, models]``: every model
+    prefills and warms up, then the models take turns, one step each."""
+    states = []
+    for model in models:
+        cache, y = prefill(model, prompt)
+        states.append([cache, decode_steps(model, cache, y, settings.warmup)])
+    times = np.zeros((settings.tokens, len(models)))
+    for step in range(settings.tokens):
+        for i, (model, state) in enumerate(zip(models, states)):
+            start = time.perf_counter()
+            state[1] = decode_steps(model, state[0], state[1], 1)
+            times[step, i] = time.perf_counter() - start
+    return times
 
 
 def measure_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -393,32 +415,34 @@ def bench_decode(
     ideal: Ideal,
     bar: tqdm,
 ) -> List[Dict]:
-    """One row per config: tokens/s over interleaved reps, speed-ups, sparsity
-    and the ideal speed-up, targeted and realized."""
-    paths, sparsity, per_layer, kernel_time = {}, {}, {}, {}
+    """One row per config: tokens/s per rep, speed-ups (medians of step
+    times paired within a turn), sparsity and the ideal speed-up, targeted
+    and realized."""
+    models, paths, sparsity, per_layer, kernel_time = {}, {}, {}, {}, {}
     kernels = default_kernels()
-    bar.set_description("decode (warm-up, sparsity)")
-    for config in configs:
-        # Stock mlx-lm runs none of our GEMVs; the others record one step's.
-        recorder = RecordingKernels(kernels) if kernels is not None and config.method != STOCK else None
-        apply_config(model, thresholds, config, recorder)
-        paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(model)
-        sparsity[config], per_layer[config] = measure_sparsity(model, prompt, settings.tokens)
-        kernel_time[config] = None if recorder is None else \
-            kernel_time_per_step(model, prompt, recorder, settings.kernel_reps)
-        bar.update()
-    speeds = {config: [] for config in configs}
-    bar.set_description("decode")
-    for _ in range(settings.reps):
+    bar.set_description("decode (set-up, sparsity)")
+    with shared_relayouts():
         for config in configs:
-            apply_config(model, thresholds, config)
-            speeds[config].append(decode_speed(model, prompt, settings.tokens, settings.warmup))
+            models[config] = model if config.method == STOCK else clone(model)
+            # Stock mlx-lm runs none of our GEMVs; the others record one step's.
+            recorder = RecordingKernels(kernels) if kernels is not None and config.method != STOCK else None
+            apply_config(models[config], thresholds, config, recorder)
+            paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(models[config])
+            sparsity[config], per_layer[config] = measure_sparsity(models[config], prompt, settings.tokens)
+            if recorder is not None:
+                kernel_time[config] = kernel_time_per_step(models[config], prompt, recorder, settings.kernel_reps)
+                swap_kernels(models[config], recorder, kernels)
             bar.update()
-    unsparsify(model)
-    stock, dense = np.array(speeds[configs[0]]), np.array(speeds[configs[1]])
+    bar.set_description("decode")
+    times = []  # per rep: [steps, configs]
+    for _ in range(settings.reps):
+        times.append(interleaved_step_times([models[c] for c in configs], prompt, settings))
+        bar.update(len(configs))
+    steps = np.concatenate(times)
+    stock, dense = steps[:, 0], steps[:, 1]
     rows = []
-    for config in configs:
-        tps = np.array(speeds[config])
+    for i, config in enumerate(configs):
+        tps = np.array([settings.tokens / t[:, i].sum() for t in times])
         dense_row = config.method in (STOCK, DENSE)
         rows.append({
             "config": config.name,
@@ -428,17 +452,19 @@ def bench_decode(
             "target_speedup": config.setting if config.method == "alloc" else None,
             "decode_path": paths[config],
             "tokens_per_s": {**spread(tps), "reps": tps.tolist()},
-            # Paired per rep: both ran within moments of each other.
-            "speedup": spread(tps / stock),
-            "speedup_vs_dense_path": spread(tps / dense),
+            "step_ms": spread(1e3 * steps[:, i]),
+            # Paired per turn: the configs' steps ran within moments of each other.
+            "speedup": spread(stock / steps[:, i]),
+            "speedup_vs_dense_path": spread(dense / steps[:, i]),
             "ideal_speedup": ideal.planned(thresholds, config.method, config.setting),
             "ideal_speedup_realized": ideal.realized(per_layer[config]),
             "realized_sparsity": sparsity[config],
             # Where a step goes: its GEMV calls timed alone, and the rest.
-            "kernel_ms_per_step": None if kernel_time[config] is None else 1e3 * kernel_time[config],
-            "other_ms_per_step": None if kernel_time[config] is None
-            else 1e3 / float(np.median(tps)) - 1e3 * kernel_time[config],
+            "kernel_ms_per_step": None if config not in kernel_time else 1e3 * kernel_time[config],
+            "other_ms_per_step": None if config not in kernel_time
+            else 1e3 * (np.median(steps[:, i]) - kernel_time[config]),
         })
+    unsparsify(model)
     return rows
 
 

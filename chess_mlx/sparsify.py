@@ -145,11 +145,38 @@ def kernel_ready(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) -
     return relayout_ready(linear) and hasattr(kernels, "sparse_in_qgemv")
 
 
+# source array id -> (source array, its re-layout), inside shared_relayouts().
+_shared_relayouts: Optional[Dict[int, tuple]] = None
+
+
+@contextmanager
+def shared_relayouts() -> Iterator[None]:
+    """Inside the block, re-laying a weight that was re-laid before returns
+    the first re-layout, so models sharing their weights (the benchmark's
+    copies, one per configuration) share the re-laid arrays too."""
+    global _shared_relayouts
+    outer, _shared_relayouts = _shared_relayouts, {} if _shared_relayouts is None else _shared_relayouts
+    try:
+        yield
+    finally:
+        _shared_relayouts = outer
+
+
+def relayout(source: mx.array, make: Callable[[], object]):
+    """``make()``, or inside :func:`shared_relayouts` the one made for ``source`` before."""
+    if _shared_relayouts is None:
+        return make()
+    if id(source) not in _shared_relayouts:
+        # Holding the source keeps its id from being reused by another array.
+        _shared_relayouts[id(source)] = (source, make())
+    return _shared_relayouts[id(source)][1]
+
+
 def input_major(linear: nn.Module) -> nn.Module:
     """The input-major re-layout of a :func:`kernel_ready` linear (one copy)."""
     if type(linear) is nn.Linear:
-        return InputMajorLinear(linear)
-    return QuantizedInputMajorLinear(linear)
+        return relayout(linear.weight, lambda: InputMajorLinear(linear))
+    return relayout(linear.weight, lambda: QuantizedInputMajorLinear(linear))
 
 
 def quantized_ready(linear: nn.Module, kernels: Optional["DecodeKernels"]) -> bool:
@@ -276,7 +303,7 @@ class SparseHeadEmbedding(nn.Module):
         self._tracker: Optional[SparsityTracker] = None
         self._kernels = kernels if kernels is not None and out_gemv_ready(embedding, kernels) else None
         if self._kernels is not None and type(embedding) is nn.Embedding:
-            self.wt = mx.contiguous(embedding.weight.T)
+            self.wt = relayout(embedding.weight, lambda: mx.contiguous(embedding.weight.T))
         else:
             self.embedding = embedding
 

@@ -11,7 +11,7 @@ from mlx_lm.models import llama
 from chess_mlx import bench, costs, cpu_kernels
 from chess_mlx.calibrate import calibrate
 from chess_mlx.errors import ChessError
-from chess_mlx.sparsify import target_label
+from chess_mlx.sparsify import shared_relayouts, sparsify, target_label
 
 TINY = llama.ModelArgs(
     model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
@@ -174,3 +174,20 @@ def test_recording_kernels_forward_and_record_only_while_asked():
     y = recorder.sparse_in_gemv(x, wt, 0.0)
     assert len(recorder.calls) == 1 and recorder.calls[0][1][1] is wt
     assert mx.array_equal(y, cpu_kernels.sparse_in_gemv(x, wt, 0.0))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU extension is not built")
+def test_config_copies_share_weights_and_relayouts():
+    model = bench.random_model(TINY)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    a, b = bench.clone(model), bench.clone(model)
+    assert a.layers[0].mlp.down_proj.weight is model.layers[0].mlp.down_proj.weight
+    with shared_relayouts():
+        sparsify(a, thresholds, "chess", 0.5, kernels=cpu_kernels)
+        sparsify(b, thresholds, "chess+", 0.5, kernels=cpu_kernels)
+    assert a.layers[0].mlp.dense.down_proj.wt is b.layers[0].mlp.dense.down_proj.wt
+    assert type(model.layers[0].mlp) is llama.MLP  # the original stays unpatched
+    sparsify(model, thresholds, "chess", 0.5, kernels=cpu_kernels)
+    assert model.layers[0].mlp.dense.down_proj.wt is not a.layers[0].mlp.dense.down_proj.wt
+    prompt = mx.array(random_windows(1, 8, seed=3)[0])
+    assert mx.array_equal(model(prompt[None]), a(prompt[None]))
