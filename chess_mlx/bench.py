@@ -12,10 +12,10 @@ its own copy of the model (the weights and their re-layouts shared), and
 the configs take turns step by step in one pipeline (each step's graph is
 built while the previous step computes, as in mlx-lm's generation), so that
 changing machine load hits them alike: speed-ups are medians of step times
-paired within one turn.
-Realized sparsity comes from a separate untimed pass. Kernel level: time of each projection's
-sparse GEMV versus the kept fraction of channels, beside the ideal (kept
-fraction times the kernel's time at 1) and MLX's dense matmul.
+paired within one turn. Realized sparsity comes from a separate untimed
+pass. Kernel level: time of each projection's sparse GEMV versus the kept
+fraction of channels, beside the ideal (kept fraction times the kernel's
+time at 1) and MLX's dense matmul.
 
 Methods: cats, chess, chess+ and teal at each --sparsity, alloc (a searched
 per-layer allocation) at each target ideal speed-up of --speedup.
