@@ -9,13 +9,12 @@ cache, then single-token steps, each evaluated) for stock mlx-lm (the
 unpatched model), our dense path (patched at sparsity 0: the kernels keep
 every channel) and every method at every sparsity. Each config decodes on
 its own copy of the model (the weights and their re-layouts shared), and
-the configs take turns step by step in one pipeline (each step's graph is
-built while the previous step computes, as in mlx-lm's generation), so that
-changing machine load hits them alike: speed-ups are medians of step times
-paired within one turn. Realized sparsity comes from a separate untimed
-pass. Kernel level: time of each projection's sparse GEMV versus the kept
-fraction of channels, beside the ideal (kept fraction times the kernel's
-time at 1) and MLX's dense matmul.
+the configs take turns step by step, so that changing machine load hits
+them alike: speed-ups are medians of step times paired within one turn.
+Realized sparsity comes from a separate untimed pass. Kernel level: time of
+each projection's sparse GEMV versus the kept fraction of channels, beside
+the ideal (kept fraction times the kernel's time at 1) and MLX's dense
+matmul.
 
 Methods: cats, chess, chess+ and teal at each --sparsity, alloc (a searched
 per-layer allocation) at each target ideal speed-up of --speedup.
@@ -340,38 +339,19 @@ def swap_kernels(model: nn.Module, old, new):
 
 
 def interleaved_step_times(models: Sequence[nn.Module], prompt: mx.array, settings: Settings) -> np.ndarray:
-    """Seconds of each timed decode step, ``[steps, models]``.
-
-    Every model prefills and warms up; then the models take turns, one step
-    each, as one pipeline: each step's graph is built and queued while the
-    step before it (the previous model's) computes, as mlx-lm's generation
-    overlaps them, and a step's time runs from the end of the step before it
-    to its own end. The first turn is not timed.
-    """
-    caches, tokens = [], []
+    """Seconds of each timed decode step, ``[steps, models]``: every model
+    prefills and warms up, then the models take turns, one step each."""
+    states = []
     for model in models:
         cache, y = prefill(model, prompt)
-        caches.append(cache)
-        tokens.append(decode_steps(model, cache, y, settings.warmup))
-
-    def queue(i: int) -> mx.array:
-        tokens[i] = greedy(models[i](tokens[i][:, None], cache=caches[i]))
-        mx.async_eval(tokens[i])
-        return tokens[i]
-
-    turns = settings.tokens + 1
-    order = [i for _ in range(turns) for i in range(len(models))]
-    pending, times = queue(order[0]), []
-    last = time.perf_counter()
-    for k in range(len(order)):
-        current = pending
-        if k + 1 < len(order):
-            pending = queue(order[k + 1])
-        mx.eval(current)
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
-    return np.array(times).reshape(turns, len(models))[1:]
+        states.append([cache, decode_steps(model, cache, y, settings.warmup)])
+    times = np.zeros((settings.tokens, len(models)))
+    for step in range(settings.tokens):
+        for i, (model, state) in enumerate(zip(models, states)):
+            start = time.perf_counter()
+            state[1] = decode_steps(model, state[0], state[1], 1)
+            times[step, i] = time.perf_counter() - start
+    return times
 
 
 def measure_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
