@@ -169,6 +169,33 @@ def test_quantized_decode_with_kernels_equals_reference(quantized_llama, method)
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_unsparsified_quantized_projections_pick_their_layout_by_group(group_size):
+    """Groups under 64 decode re-laid input-major, longer ones on the stock
+    layout; both give the reference path's tokens and restore bit for bit."""
+    mx.random.seed(3)
+    model = tiny_llama()
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    # Layers whose inputs the groups do not divide (down_proj's 96) stay float.
+    nn.quantize(model, group_size=group_size, bits=4,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    stock = model.layers[0].mlp.gate_proj
+    prompt = random_windows(1, 9, seed=5)[0]
+    sparsify(model, thresholds, "chess+", 0.5, kernels=None)
+    reference_tokens, reference = greedy_tokens(model, prompt, 6)
+    sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
+    gate = model.layers[0].mlp.dense.gate_proj
+    assert isinstance(gate, KernelLinear)
+    assert isinstance(gate.dense, QuantizedInputMajorLinear if group_size < 64 else nn.QuantizedLinear)
+    tokens, result = greedy_tokens(model, prompt, 6)
+    unsparsify(model)
+    restored = model.layers[0].mlp.gate_proj
+    assert type(restored) is nn.QuantizedLinear
+    assert all(mx.array_equal(getattr(restored, k), getattr(stock, k)) for k in ("weight", "scales", "biases"))
+    assert tokens == reference_tokens
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+
+
 def test_unsupported_quantization_keeps_the_reference_path():
     mx.random.seed(3)
     model = tiny_llama()
