@@ -267,7 +267,7 @@ class KernelLinear(nn.Module):
         return add_bias(y, self.dense)
 
     def restore(self) -> nn.Module:
-        return self.dense.to_linear() if isinstance(self.dense, INPUT_MAJOR) else self.dense
+        return stock_layout(self.dense)
 
 
 def kernel_linear(linear: nn.Module, kernels: "DecodeKernels") -> nn.Module:
@@ -463,10 +463,7 @@ class SparseMLP(nn.Module):
     def restore(self) -> nn.Module:
         for name in ("gate_proj", "up_proj", "down_proj"):
             module = getattr(self.dense, name)
-            if isinstance(module, INPUT_MAJOR):
-                setattr(self.dense, name, module.to_linear())
-            elif isinstance(module, KernelLinear):
-                setattr(self.dense, name, module.restore())
+            setattr(self.dense, name, module.restore() if isinstance(module, KernelLinear) else stock_layout(module))
         return self.dense
 
 
@@ -491,13 +488,16 @@ class InputSparseLinear(nn.Module):
         return self.dense(mx.where(keep_mask(x, self.tau), x, 0))
 
     def restore(self) -> nn.Module:
-        if isinstance(self.dense, INPUT_MAJOR):
-            return self.dense.to_linear()
-        return self.dense
+        return stock_layout(self.dense)
 
 
 SPARSE_MODULES = (SparseMLP, InputSparseLinear, SparseHeadEmbedding)
 INPUT_MAJOR = (InputMajorLinear, QuantizedInputMajorLinear)
+
+
+def stock_layout(linear: nn.Module) -> nn.Module:
+    """``linear`` back on its stock layout if it was re-laid input-major."""
+    return linear.to_linear() if isinstance(linear, INPUT_MAJOR) else linear
 
 
 def parse_methods(text: str) -> List[str]:
