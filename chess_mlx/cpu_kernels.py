@@ -10,6 +10,10 @@ Thin wrapper around the optional compiled module ``chess_mlx._cpu_kernels``
   ``y[o] = gate_o * dot(w[o, :], x) if |gate_o| >= t_o else 0`` with ``w``
   ``[out, in]``; rows of dropped outputs are not read.
 
+Three more ops compute the rest of a decode step, each as one op where MLX's
+CPU backend runs a graph of small ones (see :mod:`chess_mlx.decode_ops`):
+:func:`rms_norm`, :func:`rope_one` and :func:`attention_one`.
+
 Thresholds are a float (scalar) or a float32 array of 1 or per-channel
 elements; entries with ``|v| >= t`` are kept. Inputs are float32, float16
 or bfloat16 (one dtype), accumulation is float32, the result has the input
@@ -37,6 +41,9 @@ __all__ = [
     "sparse_out_gate_gemv",
     "sparse_in_qgemv",
     "sparse_out_gate_qgemv",
+    "rms_norm",
+    "rope_one",
+    "attention_one",
     "set_num_threads",
     "get_num_threads",
     "kernel_isa",
@@ -188,6 +195,28 @@ def sparse_out_gate_qgemv(
     return _require().sparse_out_gate_qgemv(
         x, wq, scales, biases, gate, _threshold(threshold), group_size, bits, stream=stream
     )
+
+
+def rms_norm(x: mx.array, w: mx.array, eps: float, *, stream: Stream = None) -> mx.array:
+    """``mx.fast.rms_norm(x, w, eps)`` (``w`` in the dtype of ``x``)."""
+    return _require().rms_norm(x, w, float(eps), stream=stream)
+
+
+def rope_one(
+    x: mx.array, inv_freqs: mx.array, offset: int, scale: float, traditional: bool, *, stream: Stream = None
+) -> mx.array:
+    """``mx.fast.rope`` of one position: each row of ``x`` (last axis: one
+    head) rotated by the angles ``offset * scale * inv_freqs`` (float32,
+    ``dims / 2`` of them); entries past ``dims`` pass through."""
+    return _require().rope_one(x, inv_freqs, int(offset), float(scale), bool(traditional), stream=stream)
+
+
+def attention_one(q: mx.array, k: mx.array, v: mx.array, scale: float, *, stream: Stream = None) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention`` of one query per head, no
+    mask: ``q`` ``[B, 1, Hq, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` (views of a
+    KV cache are read in place), ``Hq`` a multiple of ``Hkv``. Returns
+    ``[B, 1, Hq, Dv]``."""
+    return _require().attention_one(q, k, v, float(scale), stream=stream)
 
 
 def set_num_threads(n: int) -> None:

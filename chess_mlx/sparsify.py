@@ -14,6 +14,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import decode_ops
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, kernel_quantization, relayout_ready
 
@@ -551,6 +552,7 @@ def lm_head(model: nn.Module) -> nn.Module:
 def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place; the model computes densely again."""
     unpatch_lm_head(model)
+    decode_ops.unpatch(model)
     for layer in model.layers:
         if isinstance(layer.mlp, SparseMLP):
             layer.mlp = layer.mlp.restore()
@@ -589,7 +591,9 @@ def sparsify(
     (and down_proj) are re-laid input-major once (not duplicated) for the
     input-sparse GEMV; every other projection, up_proj under a gate mask and
     the LM head (tied or not) decode through the output GEMV on their own
-    layout.
+    layout. Kernels that have them (the CPU extension's) also run the RMS
+    norms, RoPE and attention of a decode step as single ops
+    (:mod:`chess_mlx.decode_ops`).
     """
     if method not in METHODS:
         raise ChessError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
@@ -614,6 +618,8 @@ def sparsify(
                 module = getattr(attn, proj)
                 if not isinstance(module, InputSparseLinear):
                     setattr(attn, proj, kernel_linear(module, kernels))
+    if kernels is not None and decode_ops.ready(kernels):
+        decode_ops.patch(model, layers, kernels)
     head_tau = thresholds.head_threshold(method, sparsity)
     if head_tau is not None:
         sparsify_lm_head(model, head_tau, kernels)

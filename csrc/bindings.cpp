@@ -7,6 +7,7 @@
 
 #include "mlx/version.h"
 
+#include "decode_ops.h"
 #include "sparse_gemv.h"
 #include "thread_pool.h"
 
@@ -133,6 +134,52 @@ NB_MODULE(_cpu_kernels, m) {
 
         Returns:
             array: ``x.shape[:-1] + [out]``, dtype of ``x``.)");
+
+  m.def(
+      "rms_norm",
+      &chess_mlx::rms_norm,
+      "x"_a,
+      "w"_a,
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(``mx.fast.rms_norm(x, w, eps)`` as one CPU op.)");
+
+  m.def(
+      "rope_one",
+      &chess_mlx::rope_one,
+      "x"_a,
+      "inv_freqs"_a,
+      "offset"_a,
+      "scale"_a,
+      "traditional"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(``mx.fast.rope`` of one position as one CPU op.
+
+        Every row of ``x`` (its last axis is one head) is rotated by the
+        angles ``offset * scale * inv_freqs``; ``inv_freqs`` is float32 of
+        shape ``(dims / 2,)`` and entries past ``dims`` pass through.)");
+
+  m.def(
+      "attention_one",
+      &chess_mlx::attention_one,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "scale"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(``mx.fast.scaled_dot_product_attention`` of one query, no mask.
+
+        Args:
+            q (array): ``[B, 1, Hq, D]``.
+            k (array): ``[B, Hkv, S, D]`` (any strides, e.g. a KV cache view).
+            v (array): ``[B, Hkv, S, Dv]``.
+            scale (float): multiplies q first.
+
+        Returns:
+            array: ``[B, 1, Hq, Dv]``, dtype of ``q``.)");
 
   m.def(
       "set_num_threads",

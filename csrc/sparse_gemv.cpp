@@ -27,6 +27,7 @@
 #include "mlx/backend/cpu/encoder.h"
 
 #include "kernels.h"
+#include "op_utils.h"
 #include "thread_pool.h"
 
 namespace chess_mlx {
@@ -34,6 +35,7 @@ namespace chess_mlx {
 namespace {
 
 namespace K = kernels;
+using namespace op_utils;
 
 // Below this many weight bytes to read, a GEMV runs on one thread: waking
 // the pool would cost more than it saves.
@@ -62,54 +64,6 @@ K::DType kernel_dtype(mx::Dtype d) {
   throw std::invalid_argument("unsupported dtype");
 }
 
-bool supported_dtype(mx::Dtype d) {
-  return d == mx::float32 || d == mx::float16 || d == mx::bfloat16;
-}
-
-std::string shape_str(const mx::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < a.ndim(); ++i) {
-    os << (i ? ", " : "") << a.shape(static_cast<int>(i));
-  }
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-[[noreturn]] void fail(const char* op, const std::string& msg) {
-  throw std::invalid_argument(std::string("[") + op + "] " + msg);
-}
-
-// The stream to run on: an explicit CPU stream/device, or the default CPU
-// stream. GPU streams are rejected (these kernels are CPU only).
-mx::Stream cpu_stream(const char* op, mx::StreamOrDevice s) {
-  if (std::holds_alternative<std::monostate>(s)) {
-    mx::Stream st = mx::to_stream(s);
-    return st.device == mx::Device::cpu ? st
-                                        : mx::default_stream(mx::Device::cpu);
-  }
-  mx::Stream st = mx::to_stream(s);
-  if (st.device != mx::Device::cpu) {
-    fail(op, "only CPU streams/devices are supported");
-  }
-  return st;
-}
-
-// Single-row activation: [n] or [..., n] with all leading dims 1.
-int64_t single_row_len(const char* op, const char* name, const mx::array& a) {
-  if (a.ndim() < 1) {
-    fail(op, std::string(name) + " must have at least one dimension");
-  }
-  const int64_t n = a.shape(-1);
-  if (static_cast<int64_t>(a.size()) != n) {
-    fail(
-        op,
-        std::string(name) + " must hold a single row (decode), got shape " +
-            shape_str(a));
-  }
-  return n;
-}
-
 mx::array threshold_arg(
     const char* op,
     const mx::array& thr,
@@ -128,71 +82,6 @@ mx::array threshold_arg(
     fail(op, "threshold must be a real number array");
   }
   return thr.dtype() == mx::float32 ? thr : mx::astype(thr, mx::float32, st);
-}
-
-// Where an input lives at eval time; not-row-contiguous inputs are gathered
-// into a dense buffer inside the dispatched task.
-struct Operand {
-  const char* ptr;
-  bool dense;
-  mx::Shape shape;
-  mx::Strides strides; // in elements
-  int itemsize;
-  int64_t size;
-};
-
-Operand operand(const mx::array& a) {
-  return Operand{
-      a.size() > 0 ? a.data<char>() : nullptr,
-      a.flags().row_contiguous || a.size() <= 1,
-      a.shape(),
-      a.strides(),
-      static_cast<int>(a.itemsize()),
-      static_cast<int64_t>(a.size())};
-}
-
-template <typename U>
-void gather(const Operand& o, U* dst) {
-  const U* src = reinterpret_cast<const U*>(o.ptr);
-  const int nd = static_cast<int>(o.shape.size());
-  if (nd == 0) {
-    dst[0] = src[0];
-    return;
-  }
-  const int64_t inner = o.shape[nd - 1];
-  const int64_t inner_stride = o.strides[nd - 1];
-  std::vector<int64_t> pos(nd, 0);
-  int64_t n = 0;
-  while (n < o.size) {
-    int64_t off = 0;
-    for (int d = 0; d < nd - 1; ++d) {
-      off += pos[d] * o.strides[d];
-    }
-    for (int64_t j = 0; j < inner; ++j) {
-      dst[n++] = src[off + j * inner_stride];
-    }
-    for (int d = nd - 2; d >= 0; --d) {
-      if (++pos[d] < o.shape[d]) {
-        break;
-      }
-      pos[d] = 0;
-    }
-  }
-}
-
-const void* materialize(const Operand& o, std::vector<char>& buf) {
-  if (o.dense) {
-    return o.ptr;
-  }
-  buf.resize(static_cast<size_t>(o.size) * o.itemsize);
-  if (o.itemsize == 4) {
-    gather(o, reinterpret_cast<uint32_t*>(buf.data()));
-  } else if (o.itemsize == 2) {
-    gather(o, reinterpret_cast<uint16_t*>(buf.data()));
-  } else {
-    throw std::runtime_error("unexpected itemsize");
-  }
-  return buf.data();
 }
 
 // Per-stream-thread scratch, reused across calls.
@@ -341,20 +230,6 @@ void check_float_operand(
   if (a.dtype() != x.dtype()) {
     fail(op, std::string(name) + " must have the same dtype as x");
   }
-}
-
-// Allocates the output and registers every array with the stream's encoder.
-mx::cpu::CommandEncoder& prepare(
-    const mx::Stream& stream,
-    const std::vector<mx::array>& inputs,
-    mx::array& y) {
-  y.set_data(mx::allocator::malloc(y.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (const auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  encoder.set_output_array(y);
-  return encoder;
 }
 
 } // namespace
