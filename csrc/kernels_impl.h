@@ -553,6 +553,16 @@ inline void prefetch_row(const uint32_t* p, int64_t words) {
   }
 }
 
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(c + b, 0, 3);
+  }
+  if (bytes > 0) {
+    __builtin_prefetch(c + bytes - 1, 0, 3);  // an unaligned start's last line
+  }
+}
+
 // acc[c] += v * code(c) for the codes c of `words` words of one row.
 template <int BITS>
 inline void accumulate_codes(
@@ -803,8 +813,13 @@ void qvmmsp_rows_bits(
     const uint32_t* row1 = wq + o1 * (in / kPer);
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
     // the hardware prefetcher to find each scattered kept row in time.
+    // Their scale and bias rows (groups elements each, another array)
+    // too: 4-bit 8192x2048 group 64 at kept fraction 0.5 took 0.53 of the
+    // dense time with them, 0.59-0.60 without.
     for (int64_t n = k + 2; n < k + 4 && n < k1; ++n) {
       prefetch_row(wq + idx[n] * (in / kPer), in / kPer);
+      prefetch_bytes(scales + idx[n] * groups, groups * sizeof(S));
+      prefetch_bytes(biases + idx[n] * groups, groups * sizeof(S));
     }
     float tot0[kPer] = {}, tot1[kPer] = {};
     float bias0 = 0.0f, bias1 = 0.0f;
