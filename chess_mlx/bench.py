@@ -88,6 +88,9 @@ class Settings:
     calibration_windows: Tuple[int, int] = (4, 512)  # count, tokens each
 
 
+# Every this many turns the decode timing also replays each config's GEMVs.
+REPLAY_EVERY = 4
+
 SHORT = Settings(tokens=4, reps=2, warmup=0, kernel_reps=2, kept=(0.0, 0.5, 1.0),
                  cold_bytes=32 << 20, calibration_windows=(2, 64))
 
@@ -143,23 +146,25 @@ class RecordingKernels:
         return call
 
 
-def kernel_time_per_step(model: nn.Module, prompt: mx.array, recorder: RecordingKernels, reps: int) -> float:
-    """Seconds one decode step of ``model`` (patched with ``recorder``) spends
-    in its GEMV calls, replayed alone in step order (median of ``reps``); the
-    rest of the step is everything else: attention, norms, small MLX ops and
-    their dispatch."""
+def record_step_calls(model: nn.Module, prompt: mx.array, recorder: RecordingKernels) -> List[Tuple[Callable, tuple]]:
+    """The GEMV calls, with their arguments, of one decode step of ``model``
+    (patched with ``recorder``)."""
     cache, y = prefill(model, prompt)
     recorder.recording = True
     decode_steps(model, cache, y, 1)
     recorder.recording = False
-    times = []
-    for _ in range(max(reps, 1)):
-        outputs = [fn(*args) for fn, args in recorder.calls]
-        start = time.perf_counter()
-        mx.eval(outputs)
-        times.append(time.perf_counter() - start)
-    recorder.calls.clear()
-    return float(np.median(times))
+    calls, recorder.calls = recorder.calls, []
+    return calls
+
+
+def replay_seconds(calls: Sequence[Tuple[Callable, tuple]]) -> float:
+    """Seconds a step's GEMV calls take replayed alone, in step order; the
+    rest of the step is everything else: attention, norms, small MLX ops and
+    their dispatch."""
+    outputs = [fn(*args) for fn, args in calls]
+    start = time.perf_counter()
+    mx.eval(outputs)
+    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------
@@ -338,20 +343,31 @@ def swap_kernels(model: nn.Module, old, new):
             module._kernels = new
 
 
-def interleaved_step_times(models: Sequence[nn.Module], prompt: mx.array, settings: Settings) -> np.ndarray:
+def interleaved_step_times(
+    models: Sequence[nn.Module], prompt: mx.array, settings: Settings,
+    step_calls: Optional[Sequence[Optional[list]]] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Seconds of each timed decode step, ``[steps, models]``: every model
-    prefills and warms up, then the models take turns, one step each."""
+    prefills and warms up, then the models take turns, one step each. Every
+    REPLAY_EVERY-th turn also replays each model's recorded GEMV calls
+    (``step_calls``) right after the steps, so a step and its GEMVs alone
+    are timed moments apart; their seconds come second (NaN elsewhere)."""
     states = []
     for model in models:
         cache, y = prefill(model, prompt)
         states.append([cache, decode_steps(model, cache, y, settings.warmup)])
     times = np.zeros((settings.tokens, len(models)))
+    replays = np.full((settings.tokens, len(models)), np.nan)
     for step in range(settings.tokens):
         for i, (model, state) in enumerate(zip(models, states)):
             start = time.perf_counter()
             state[1] = decode_steps(model, state[0], state[1], 1)
             times[step, i] = time.perf_counter() - start
-    return times
+        if step_calls is not None and step % REPLAY_EVERY == 0:
+            for i, calls in enumerate(step_calls):
+                if calls:
+                    replays[step, i] = replay_seconds(calls)
+    return times, replays
 
 
 def measure_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -361,6 +377,16 @@ def measure_sparsity(model: nn.Module, prompt: mx.array, steps: int) -> Tuple[Di
     with track_sparsity(model) as tracker:
         decode_steps(model, cache, y, steps)
     return tracker.summary(), tracker.sparsity()
+
+
+def step_split(steps: np.ndarray, replays: np.ndarray) -> Dict[str, Optional[float]]:
+    """Median ms of a step's GEMVs replayed alone, and of the rest of the
+    step (step minus replay, paired per turn); None without replays."""
+    paired = ~np.isnan(replays)
+    if not paired.any():
+        return {"kernel_ms_per_step": None, "other_ms_per_step": None}
+    return {"kernel_ms_per_step": 1e3 * float(np.median(replays[paired])),
+            "other_ms_per_step": 1e3 * float(np.median(steps[paired] - replays[paired]))}
 
 
 def spread(values: Sequence[float]) -> Dict[str, float]:
@@ -419,7 +445,7 @@ def bench_decode(
     """One row per config: tokens/s per rep, speed-ups (medians of step
     times paired within a turn), sparsity and the ideal speed-up, targeted
     and realized."""
-    models, paths, sparsity, per_layer, kernel_time = {}, {}, {}, {}, {}
+    models, paths, sparsity, per_layer, step_calls = {}, {}, {}, {}, {}
     kernels = default_kernels()
     bar.set_description("decode (set-up, sparsity)")
     with shared_relayouts():
@@ -431,15 +457,18 @@ def bench_decode(
             paths[config] = "mlx-lm (unpatched)" if config.method == STOCK else kernel_backend(models[config])
             sparsity[config], per_layer[config] = measure_sparsity(models[config], prompt, settings.tokens)
             if recorder is not None:
-                kernel_time[config] = kernel_time_per_step(models[config], prompt, recorder, settings.kernel_reps)
+                step_calls[config] = record_step_calls(models[config], prompt, recorder)
                 swap_kernels(models[config], recorder, kernels)
             bar.update()
     bar.set_description("decode")
-    times = []  # per rep: [steps, configs]
+    times, replays = [], []  # per rep: [steps, configs]
+    calls = [step_calls.get(c) for c in configs]
     for _ in range(settings.reps):
-        times.append(interleaved_step_times([models[c] for c in configs], prompt, settings))
+        rep_times, rep_replays = interleaved_step_times([models[c] for c in configs], prompt, settings, calls)
+        times.append(rep_times)
+        replays.append(rep_replays)
         bar.update(len(configs))
-    steps = np.concatenate(times)
+    steps, replayed = np.concatenate(times), np.concatenate(replays)
     stock, dense = steps[:, 0], steps[:, 1]
     rows = []
     for i, config in enumerate(configs):
@@ -460,10 +489,8 @@ def bench_decode(
             "ideal_speedup": ideal.planned(thresholds, config.method, config.setting),
             "ideal_speedup_realized": ideal.realized(per_layer[config]),
             "realized_sparsity": sparsity[config],
-            # Where a step goes: its GEMV calls timed alone, and the rest.
-            "kernel_ms_per_step": None if config not in kernel_time else 1e3 * kernel_time[config],
-            "other_ms_per_step": None if config not in kernel_time
-            else 1e3 * (np.median(steps[:, i]) - kernel_time[config]),
+            # Where a step goes: its GEMV calls replayed alone in the same turn, and the rest.
+            **step_split(steps[:, i], replayed[:, i]),
         })
     unsparsify(model)
     return rows
