@@ -28,6 +28,11 @@ ATTENTION_TYPES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
+def is_decode(x: mx.array) -> bool:
+    """One token: every axis but the last has size 1."""
+    return x.size == x.shape[-1]
+
+
 def ready(kernels) -> bool:
     return all(hasattr(kernels, op) for op in ("rms_norm", "rope_one", "attention_one"))
 
@@ -55,7 +60,7 @@ class KernelRMSNorm(nn.RMSNorm):
     are); :func:`unpatch` gives it back ``nn.RMSNorm``."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size == x.shape[-1]:
+        if is_decode(x):
             return self._kernels.rms_norm(x, self.weight, self.eps)
         return super().__call__(x)
 
@@ -67,7 +72,7 @@ class KernelAttention:
     the cache as single CPU ops; everything else takes mlx-lm's code."""
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) -> mx.array:
-        if type(cache) is not KVCache or mask is not None or x.size != x.shape[-1]:
+        if type(cache) is not KVCache or mask is not None or not is_decode(x):
             return super().__call__(x, mask=mask, cache=cache)
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)

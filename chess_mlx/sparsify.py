@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import decode_ops
+from .decode_ops import is_decode
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, kernel_quantization, relayout_ready
 
@@ -197,10 +198,6 @@ def out_gemv(kernels: "DecodeKernels", x: mx.array, layer: nn.Module, gate: mx.a
             x, layer.weight, layer.scales, layer.biases, gate, threshold, layer.group_size, layer.bits
         )
     return kernels.sparse_out_gate_gemv(x, layer.weight, gate, threshold)
-
-
-def is_decode(x: mx.array) -> bool:
-    return x.size == x.shape[-1]
 
 
 def add_bias(y: mx.array, linear: nn.Module) -> mx.array:

@@ -44,12 +44,6 @@ void with_dtype(mx::Dtype d, Fn&& fn) {
   }
 }
 
-void check_float(const char* op, const char* name, const mx::array& a) {
-  if (!supported_dtype(a.dtype())) {
-    fail(op, std::string(name) + " must be float32, float16 or bfloat16");
-  }
-}
-
 template <typename T>
 void rms_norm_rows(
     const T* x,
@@ -226,7 +220,7 @@ mx::array rms_norm(
     mx::StreamOrDevice s) {
   constexpr const char* op = "rms_norm";
   mx::Stream st = cpu_stream(op, s);
-  check_float(op, "x", x);
+  check_float_dtype(op, "x", x);
   if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1)) {
     fail(
         op,
@@ -249,7 +243,7 @@ mx::array rope_one(
     mx::StreamOrDevice s) {
   constexpr const char* op = "rope_one";
   mx::Stream st = cpu_stream(op, s);
-  check_float(op, "x", x);
+  check_float_dtype(op, "x", x);
   if (inv_freqs.dtype() != mx::float32 || inv_freqs.ndim() != 1 ||
       x.ndim() < 1 || 2 * inv_freqs.shape(0) > x.shape(-1)) {
     fail(
@@ -273,7 +267,7 @@ mx::array attention_one(
     mx::StreamOrDevice s) {
   constexpr const char* op = "attention_one";
   mx::Stream st = cpu_stream(op, s);
-  check_float(op, "q", q);
+  check_float_dtype(op, "q", q);
   if (k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
     fail(op, "k and v must have the same dtype as q");
   }

@@ -547,12 +547,7 @@ void vmmsp_rows(
 // (8 lanes at 4 bits); everything accumulates in float32.
 // ---------------------------------------------------------------------------
 
-inline void prefetch_row(const uint32_t* p, int64_t words) {
-  for (int64_t j = 0; j < words; j += 16) {  // one 64-byte line per hint
-    __builtin_prefetch(p + j, 0, 3);
-  }
-}
-
+// One hint per 64-byte line of [p, p + bytes).
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += 64) {
@@ -561,6 +556,10 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   if (bytes > 0) {
     __builtin_prefetch(c + bytes - 1, 0, 3);  // an unaligned start's last line
   }
+}
+
+inline void prefetch_row(const uint32_t* p, int64_t words) {
+  prefetch_bytes(p, words * static_cast<int64_t>(sizeof(uint32_t)));
 }
 
 // acc[c] += v * code(c) for the codes c of `words` words of one row.

@@ -38,6 +38,16 @@ inline std::string shape_str(const mx::array& a) {
   throw std::invalid_argument(std::string("[") + op + "] " + msg);
 }
 
+// "[op] name must be float32, float16 or bfloat16" unless it is.
+inline void check_float_dtype(
+    const char* op,
+    const char* name,
+    const mx::array& a) {
+  if (!supported_dtype(a.dtype())) {
+    fail(op, std::string(name) + " must be float32, float16 or bfloat16");
+  }
+}
+
 // The stream to run on: an explicit CPU stream/device, or the default CPU
 // stream. GPU streams are rejected (these kernels are CPU only).
 inline mx::Stream cpu_stream(const char* op, mx::StreamOrDevice s) {

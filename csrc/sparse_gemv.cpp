@@ -249,9 +249,7 @@ mx::array sparse_in_gemv(
     mx::StreamOrDevice s) {
   constexpr const char* op = "sparse_in_gemv";
   mx::Stream st = cpu_stream(op, s);
-  if (!supported_dtype(x.dtype())) {
-    fail(op, "x must be float32, float16 or bfloat16");
-  }
+  check_float_dtype(op, "x", x);
   if (wt.dtype() != x.dtype()) {
     fail(op, "wt must have the same dtype as x");
   }
@@ -280,9 +278,7 @@ mx::array sparse_out_gate_gemv(
     mx::StreamOrDevice s) {
   constexpr const char* op = "sparse_out_gate_gemv";
   mx::Stream st = cpu_stream(op, s);
-  if (!supported_dtype(x.dtype())) {
-    fail(op, "x must be float32, float16 or bfloat16");
-  }
+  check_float_dtype(op, "x", x);
   if (w.dtype() != x.dtype() || gate.dtype() != x.dtype()) {
     fail(op, "w and gate must have the same dtype as x");
   }
@@ -323,9 +319,7 @@ mx::array sparse_in_qgemv(
   constexpr const char* op = "sparse_in_qgemv";
   mx::Stream st = cpu_stream(op, s);
   check_quantization(op, group_size, bits);
-  if (!supported_dtype(x.dtype())) {
-    fail(op, "x must be float32, float16 or bfloat16");
-  }
+  check_float_dtype(op, "x", x);
   check_float_operand(op, "scales", scales, x);
   check_float_operand(op, "biases", biases, x);
   const int64_t in = single_row_len(op, "x", x);
@@ -370,9 +364,7 @@ mx::array sparse_out_gate_qgemv(
   constexpr const char* op = "sparse_out_gate_qgemv";
   mx::Stream st = cpu_stream(op, s);
   check_quantization(op, group_size, bits);
-  if (!supported_dtype(x.dtype())) {
-    fail(op, "x must be float32, float16 or bfloat16");
-  }
+  check_float_dtype(op, "x", x);
   check_float_operand(op, "scales", scales, x);
   check_float_operand(op, "biases", biases, x);
   check_float_operand(op, "gate", gate, x);
