@@ -24,7 +24,7 @@
 
 #include "kernels.h"
 
-#if defined(__F16C__) && defined(__AVX__)
+#if (defined(__F16C__) && defined(__AVX__)) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -630,10 +630,12 @@ template <int BITS>
 inline void accumulate_codes8(
     float* CHESS_MLX_RESTRICT acc,
     const uint32_t* const* rows,
+    const uint32_t* const* next,
     int64_t words,
     const float* v) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
+  constexpr int64_t kLine = 64 / sizeof(uint32_t);
   const uint32_t* CHESS_MLX_RESTRICT r0 = rows[0];
   const uint32_t* CHESS_MLX_RESTRICT r1 = rows[1];
   const uint32_t* CHESS_MLX_RESTRICT r2 = rows[2];
@@ -644,7 +646,13 @@ inline void accumulate_codes8(
   const uint32_t* CHESS_MLX_RESTRICT r7 = rows[7];
   const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
   const float v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
-  for (int64_t j = 0; j < words; ++j) {
+  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+    for (int n = 0; n < 8; ++n) {
+      __builtin_prefetch(next[n] + j0, 0, 3);
+      __builtin_prefetch(next[8 + n] + j0, 0, 2);
+    }
+    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    for (int64_t j = j0; j < j1; ++j) {
     const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
     const uint32_t u4 = r4[j], u5 = r5[j], u6 = r6[j], u7 = r7[j];
     for (int t = 0; t < kPer; ++t) {
@@ -658,6 +666,61 @@ inline void accumulate_codes8(
            (v6 * static_cast<float>((u6 >> (BITS * t)) & kMask) +
             v7 * static_cast<float>((u7 >> (BITS * t)) & kMask)));
     }
+    }
+  }
+}
+
+// acc[c] += sum over n < N of v[n] * code(rows[n], c): one pass for N rows,
+// prefetching the eight `next` rows a line at a time as it goes.
+template <int BITS, int N>
+inline void accumulate_codes_n(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t words,
+    const float* v) {
+  constexpr int kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  constexpr int64_t kLine = 64 / sizeof(uint32_t);
+  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+    for (int n = 0; n < 8; ++n) {
+      __builtin_prefetch(next[n] + j0, 0, 3);
+      __builtin_prefetch(next[8 + n] + j0, 0, 2);
+    }
+    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    for (int64_t j = j0; j < j1; ++j) {
+      uint32_t u[N];
+      for (int n = 0; n < N; ++n) {
+        u[n] = rows[n][j];
+      }
+      for (int t = 0; t < kPer; ++t) {
+        float s = 0.0f;
+        for (int n = 0; n < N; ++n) {
+          s += v[n] * static_cast<float>((u[n] >> (BITS * t)) & kMask);
+        }
+        acc[j * kPer + t] += s;
+      }
+    }
+  }
+}
+
+// The fewer-than-eight rows left in a group, in a single pass.
+template <int BITS>
+inline void accumulate_codes_upto8(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t n,
+    int64_t words,
+    const float* v) {
+  switch (n) {
+    case 1: accumulate_codes_n<BITS, 1>(acc, rows, next, words, v); break;
+    case 2: accumulate_codes_n<BITS, 2>(acc, rows, next, words, v); break;
+    case 3: accumulate_codes_n<BITS, 3>(acc, rows, next, words, v); break;
+    case 4: accumulate_codes_n<BITS, 4>(acc, rows, next, words, v); break;
+    case 5: accumulate_codes_n<BITS, 5>(acc, rows, next, words, v); break;
+    case 6: accumulate_codes_n<BITS, 6>(acc, rows, next, words, v); break;
+    default: accumulate_codes_n<BITS, 7>(acc, rows, next, words, v); break;
   }
 }
 
@@ -705,38 +768,22 @@ void qspvmm_cols_bits(
       for (int64_t j = 0; j < w; ++j) {
         acc[j] = 0.0f;
       }
-      int64_t r = k;
-      for (; r + 8 <= end; r += 8) {
-        for (int64_t n = r + 8; n < r + 16 && n < nact; ++n) {
-          prefetch_row(wq + idx[n] * words_per_row + t0 / kPer, words);
-        }
-        const uint32_t* rows[8];
+      const uint32_t* rows[8];
+      const uint32_t* next[16];
+      for (int64_t r = k; r < end; r += 8) {
+        const int64_t n = end - r < 8 ? end - r : 8;
         for (int i = 0; i < 8; ++i) {
-          rows[i] = wq + idx[r + i] * words_per_row + t0 / kPer;
+          const int64_t ahead = r + n + i < nact ? r + n + i : r;
+          rows[i] = wq + idx[i < n ? r + i : r] * words_per_row + t0 / kPer;
+          next[i] = wq + idx[ahead] * words_per_row + t0 / kPer;
+          const int64_t far = r + n + 8 + i < nact ? r + n + 8 + i : r;
+          next[8 + i] = wq + idx[far] * words_per_row + t0 / kPer;
         }
-        accumulate_codes8<BITS>(acc, rows, words, vals + r);
-      }
-      for (; r + 4 <= end; r += 4) {
-        // Row segments are short (out * bits / 8 bytes per thread): fetch
-        // the next kept rows' segments ahead of the hardware prefetcher.
-        for (int64_t n = r + 4; n < r + 8 && n < nact; ++n) {
-          prefetch_row(wq + idx[n] * words_per_row + t0 / kPer, words);
+        if (n == 8) {
+          accumulate_codes8<BITS>(acc, rows, next, words, vals + r);
+        } else {
+          accumulate_codes_upto8<BITS>(acc, rows, next, n, words, vals + r);
         }
-        accumulate_codes4<BITS>(
-            acc, wq + idx[r] * words_per_row + t0 / kPer,
-            wq + idx[r + 1] * words_per_row + t0 / kPer,
-            wq + idx[r + 2] * words_per_row + t0 / kPer,
-            wq + idx[r + 3] * words_per_row + t0 / kPer, words, vals + r);
-      }
-      for (; r + 2 <= end; r += 2) {
-        accumulate_codes2<BITS>(
-            acc, wq + idx[r] * words_per_row + t0 / kPer,
-            wq + idx[r + 1] * words_per_row + t0 / kPer, words, vals[r],
-            vals[r + 1]);
-      }
-      if (r < end) {
-        accumulate_codes<BITS>(
-            acc, wq + idx[r] * words_per_row + t0 / kPer, words, vals[r]);
       }
       const S* sg = scales + g * out + t0;
       const S* bg = biases + g * out + t0;
@@ -774,61 +821,52 @@ void qspvmm_cols(
   }
 }
 
-// Two rows' dots with one group of xf, accumulated into per-lane totals
-// scaled by each row's group scale. Two rows share every load of xf, and
-// even/odd words use separate lanes so the FMA chains overlap.
-template <int BITS>
-inline void group_dot2(
-    const uint32_t* CHESS_MLX_RESTRICT r0,
-    const uint32_t* CHESS_MLX_RESTRICT r1,
-    const float* CHESS_MLX_RESTRICT xf,
-    int64_t words,
-    float s0,
-    float s1,
-    float* CHESS_MLX_RESTRICT tot0,
-    float* CHESS_MLX_RESTRICT tot1) {
-  constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  float a0[kPer] = {}, b0[kPer] = {}, a1[kPer] = {}, b1[kPer] = {};
-  int64_t j = 0;
-  for (; j + 2 <= words; j += 2) {
-    const uint32_t u0 = r0[j], v0 = r0[j + 1];
-    const uint32_t u1 = r1[j], v1 = r1[j + 1];
-    for (int t = 0; t < kPer; ++t) {
-      const float xa = xf[j * kPer + t];
-      const float xb = xf[(j + 1) * kPer + t];
-      a0[t] += xa * static_cast<float>((u0 >> (BITS * t)) & kMask);
-      b0[t] += xb * static_cast<float>((v0 >> (BITS * t)) & kMask);
-      a1[t] += xa * static_cast<float>((u1 >> (BITS * t)) & kMask);
-      b1[t] += xb * static_cast<float>((v1 >> (BITS * t)) & kMask);
-    }
-  }
-  for (; j < words; ++j) {
-    const uint32_t u0 = r0[j], u1 = r1[j];
-    for (int t = 0; t < kPer; ++t) {
-      const float xa = xf[j * kPer + t];
-      a0[t] += xa * static_cast<float>((u0 >> (BITS * t)) & kMask);
-      a1[t] += xa * static_cast<float>((u1 >> (BITS * t)) & kMask);
-    }
-  }
-  for (int t = 0; t < kPer; ++t) {
-    tot0[t] += s0 * (a0[t] + b0[t]);
-    tot1[t] += s1 * (a1[t] + b1[t]);
-  }
+// Eight-lane vectors (GCC/Clang vector extensions): the output GEMV's dot
+// products written as loops did not vectorize (g++ 12 emitted mostly scalar
+// code), so they are spelled out here; any ISA lowers them.
+typedef float F8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+inline F8 load_f8(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-template <int N>
-inline float sum_lanes(const float* a) {
-  float s = 0.0f;
-  for (int t = 0; t < N; ++t) {
-    s += a[t];
+inline float sum_f8(F8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// The eight codes that start at word `w` of a row, as floats: one word at
+// 4 bits, two at 8 (whose codes are its bytes, in order). Codes convert as
+// signed ints: x86 has no unsigned int-to-float vector conversion.
+template <int BITS>
+inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
+  if constexpr (BITS == 4) {
+    const U8 shift = {0, 4, 8, 12, 16, 20, 24, 28};
+    const U8 codes = ((U8{} + w[0]) >> shift) & 15u;
+    return __builtin_convertvector(reinterpret_cast<const I8&>(codes), F8);
+  } else {
+#if defined(__AVX2__)
+    // g++ 12 assembles a byte vector's conversion lane by lane.
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
+    return F8(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+#else
+    uint8_t bytes[8];
+    std::memcpy(bytes, w, sizeof(bytes));
+    F8 codes;
+    for (int t = 0; t < 8; ++t) {
+      codes[t] = static_cast<float>(bytes[t]);
+    }
+    return codes;
+#endif
   }
-  return s;
 }
 
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
-// for the kept rows k in [k0, k1) of the stock layout, two rows at a time
-// (an odd last row is paired with itself).
+// for the kept rows k in [k0, k1) of the stock layout, four rows at a time
+// sharing every load of xf (a short last pass repeats its last row).
 template <int DT, int BITS>
 void qvmmsp_rows_bits(
     const uint32_t* wq,
@@ -845,39 +883,62 @@ void qvmmsp_rows_bits(
     void* yv) {
   using E = Elem<DT>;
   using S = typename E::S;
+  constexpr int kRows = 4;
   constexpr int kPer = 32 / BITS;
+  constexpr int kWordsPerVec = 8 / kPer;
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
   S* y = static_cast<S*>(yv);
   const int64_t groups = in / group_size;
-  const int64_t group_words = group_size / kPer;
-  for (int64_t k = k0; k < k1; k += 2) {
-    const int64_t kb = (k + 1 < k1) ? k + 1 : k;
-    const int64_t o0 = idx[k], o1 = idx[kb];
-    const uint32_t* row0 = wq + o0 * (in / kPer);
-    const uint32_t* row1 = wq + o1 * (in / kPer);
+  const int64_t row_words = in / kPer;
+  for (int64_t k = k0; k < k1; k += kRows) {
+    int64_t o[kRows];
+    const uint32_t* row[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      o[r] = idx[k + r < k1 ? k + r : k1 - 1];
+      row[r] = wq + o[r] * row_words;
+    }
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
-    // the hardware prefetcher to find each scattered kept row in time.
-    // Their scale and bias rows (groups elements each, another array)
-    // too: 4-bit 8192x2048 group 64 at kept fraction 0.5 took 0.53 of the
-    // dense time with them, 0.59-0.60 without.
-    for (int64_t n = k + 2; n < k + 4 && n < k1; ++n) {
-      prefetch_row(wq + idx[n] * (in / kPer), in / kPer);
-      prefetch_bytes(scales + idx[n] * groups, groups * sizeof(S));
-      prefetch_bytes(biases + idx[n] * groups, groups * sizeof(S));
+    // the hardware prefetcher to find each scattered kept row in time, and
+    // so are their scale and bias rows (another array). The next pass's
+    // rows are fetched into L1 a group at a time as this pass goes, the one
+    // after into L2.
+    const uint32_t* next[2 * kRows];
+    for (int r = 0; r < 2 * kRows; ++r) {
+      const int64_t n = k + kRows + r;
+      next[r] = wq + idx[n < k1 ? n : k1 - 1] * row_words;
+      if (r < kRows && n < k1) {
+        prefetch_bytes(scales + idx[n] * groups, groups * sizeof(S));
+        prefetch_bytes(biases + idx[n] * groups, groups * sizeof(S));
+      }
     }
-    float tot0[kPer] = {}, tot1[kPer] = {};
-    float bias0 = 0.0f, bias1 = 0.0f;
+    F8 tot[kRows] = {};
+    float bias[kRows] = {};
     for (int64_t g = 0; g < groups; ++g) {
-      group_dot2<BITS>(
-          row0 + g * group_words, row1 + g * group_words, xf + g * group_size,
-          group_words, E::load(scales[o0 * groups + g]),
-          E::load(scales[o1 * groups + g]), tot0, tot1);
-      bias0 += E::load(biases[o0 * groups + g]) * xgsum[g];
-      bias1 += E::load(biases[o1 * groups + g]) * xgsum[g];
+      F8 dot[kRows] = {};
+      const float* xg = xf + g * group_size;
+      const int64_t w0 = g * group_size / kPer;
+      for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
+        for (int r = 0; r < kRows; ++r) {
+          __builtin_prefetch(next[r] + w0 + b, 0, 3);
+          __builtin_prefetch(next[kRows + r] + w0 + b, 0, 2);
+        }
+      }
+      for (int64_t c = 0; c < group_size; c += 8) {
+        const F8 xv = load_f8(xg + c);
+        const int64_t w = w0 + c / 8 * kWordsPerVec;
+        for (int r = 0; r < kRows; ++r) {
+          dot[r] += xv * codes_f8<BITS>(row[r] + w);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        tot[r] += E::load(scales[o[r] * groups + g]) * dot[r];
+        bias[r] += E::load(biases[o[r] * groups + g]) * xgsum[g];
+      }
     }
-    y[o0] = E::store(gates[k] * (sum_lanes<kPer>(tot0) + bias0));
-    y[o1] = E::store(gates[kb] * (sum_lanes<kPer>(tot1) + bias1));
+    for (int r = 0; r < kRows && k + r < k1; ++r) {
+      y[o[r]] = E::store(gates[k + r] * (sum_f8(tot[r]) + bias[r]));
+    }
   }
 }
 
