@@ -242,30 +242,22 @@ class KernelHeadEmbedding(nn.Module):
 class KernelLinear(nn.Module):
     """A linear layer (float or quantized) that is not sparsified, decoding
     one token through the kernels with nothing dropped. It keeps its stock
-    ``[out, in]`` layout and runs the output GEMV, which reads dense rows
-    faster than the input-sparse GEMV (CPU, 1B shapes: 5-15% on gate, k/v
-    and q/o, float and 4-bit group 64), except a quantized layer with groups
-    under 64, which is re-laid input-major: the output GEMV's per-group work
-    dominates short groups (SmolLM2's 4-bit group 32 gate: 190-200 us
-    against 140-158). Prompts go to the layer (or its re-layout)."""
+    ``[out, in]`` layout and runs the output GEMV, which reads dense rows at
+    least as fast as the input-sparse GEMV reads a re-layout (CPU, 1B and
+    SmolLM2 shapes, float and 4/8-bit). Prompts go to the layer."""
 
     def __init__(self, linear: nn.Module, kernels: "DecodeKernels"):
         super().__init__()
-        short_groups = isinstance(linear, nn.QuantizedLinear) and linear.group_size < 64
-        self.dense = input_major(linear) if short_groups and kernel_ready(linear, kernels) else linear
+        self.dense = linear
         self._kernels = kernels
 
     def __call__(self, x: mx.array) -> mx.array:
         if not is_decode(x):
             return self.dense(x)
-        if isinstance(self.dense, INPUT_MAJOR):
-            y = self.dense.sparse_gemv(self._kernels, x, 0.0).reshape(*x.shape[:-1], -1)
-        else:
-            y = dense_gemv(self._kernels, x, self.dense)
-        return add_bias(y, self.dense)
+        return add_bias(dense_gemv(self._kernels, x, self.dense), self.dense)
 
     def restore(self) -> nn.Module:
-        return stock_layout(self.dense)
+        return self.dense
 
 
 def kernel_linear(linear: nn.Module, kernels: "DecodeKernels") -> nn.Module:
