@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -864,6 +865,54 @@ inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
   }
 }
 
+#if defined(__AVX2__)
+// x with each 16 inputs reordered even-first, the order in which
+// group_dots_4bit reads a block's codes.
+inline const float* even_odd_x(const float* xf, int64_t in) {
+  thread_local std::vector<float> buf;
+  buf.resize(in);
+  for (int64_t b = 0; b < in; b += 16) {
+    for (int t = 0; t < 8; ++t) {
+      buf[b + t] = xf[b + 2 * t];
+      buf[b + 8 + t] = xf[b + 2 * t + 1];
+    }
+  }
+  return buf.data();
+}
+
+// The four rows' 4-bit dots with one group of x (even-first, see
+// even_odd_x): eight bytes zero-extend to eight lanes whose low nibbles are
+// the even codes and high nibbles the odd ones, five instructions per 16
+// codes where broadcast, shift and mask take eight.
+template <int R>
+inline void group_dots_4bit(
+    const uint32_t* const* row,
+    int64_t w0,
+    const float* CHESS_MLX_RESTRICT xg,
+    int64_t group_size,
+    F8* dot) {
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) {
+    even[r] = _mm256_setzero_ps();
+    odd[r] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < group_size; c += 16) {
+    const __m256 xe = _mm256_loadu_ps(xg + c);
+    const __m256 xo = _mm256_loadu_ps(xg + c + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256i b = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row[r] + w0 + c / 8)));
+      even[r] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), even[r]);
+      odd[r] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    dot[r] = F8(_mm256_add_ps(even[r], odd[r]));
+  }
+}
+#endif
+
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
 // for the kept rows k in [k0, k1) of the stock layout, four rows at a time
 // sharing every load of xf (a short last pass repeats its last row).
@@ -891,6 +940,11 @@ void qvmmsp_rows_bits(
   S* y = static_cast<S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
+#if defined(__AVX2__)
+  const float* xq = BITS == 4 ? even_odd_x(xf, in) : xf;
+#else
+  const float* xq = xf;
+#endif
   for (int64_t k = k0; k < k1; k += kRows) {
     int64_t o[kRows];
     const uint32_t* row[kRows];
@@ -916,7 +970,7 @@ void qvmmsp_rows_bits(
     float bias[kRows] = {};
     for (int64_t g = 0; g < groups; ++g) {
       F8 dot[kRows] = {};
-      const float* xg = xf + g * group_size;
+      const float* xg = xq + g * group_size;
       const int64_t w0 = g * group_size / kPer;
       for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
         for (int r = 0; r < kRows; ++r) {
@@ -924,11 +978,18 @@ void qvmmsp_rows_bits(
           __builtin_prefetch(next[kRows + r] + w0 + b, 0, 2);
         }
       }
-      for (int64_t c = 0; c < group_size; c += 8) {
-        const F8 xv = load_f8(xg + c);
-        const int64_t w = w0 + c / 8 * kWordsPerVec;
-        for (int r = 0; r < kRows; ++r) {
-          dot[r] += xv * codes_f8<BITS>(row[r] + w);
+#if defined(__AVX2__)
+      if constexpr (BITS == 4) {
+        group_dots_4bit<kRows>(row, w0, xg, group_size, dot);
+      } else
+#endif
+      {
+        for (int64_t c = 0; c < group_size; c += 8) {
+          const F8 xv = load_f8(xg + c);
+          const int64_t w = w0 + c / 8 * kWordsPerVec;
+          for (int r = 0; r < kRows; ++r) {
+            dot[r] += xv * codes_f8<BITS>(row[r] + w);
+          }
         }
       }
       for (int r = 0; r < kRows; ++r) {
