@@ -725,6 +725,77 @@ inline void accumulate_codes_upto8(
   }
 }
 
+#if defined(__AVX2__)
+// The 4-bit form of accumulate_codes_n: each 16 outputs' eight bytes
+// zero-extend to eight lanes whose low nibbles are the even outputs and high
+// nibbles the odd ones (as in group_dots_4bit), so acc holds each block of
+// 16 even outputs first; natural_order puts them back. Needs words even.
+template <int N>
+inline void accumulate_4bit_zx(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t words,
+    const float* v) {
+  constexpr int64_t kLine = 64 / sizeof(uint32_t);
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 vn[N];
+  for (int n = 0; n < N; ++n) {
+    vn[n] = _mm256_set1_ps(v[n]);
+  }
+  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+    for (int n = 0; n < 8; ++n) {
+      __builtin_prefetch(next[n] + j0, 0, 3);
+      __builtin_prefetch(next[8 + n] + j0, 0, 2);
+    }
+    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    for (int64_t j = j0; j < j1; j += 2) {
+      __m256 even = _mm256_loadu_ps(acc + 8 * j);
+      __m256 odd = _mm256_loadu_ps(acc + 8 * j + 8);
+      for (int n = 0; n < N; ++n) {
+        const __m256i b = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[n] + j)));
+        even = _mm256_fmadd_ps(vn[n], _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), even);
+        odd = _mm256_fmadd_ps(vn[n], _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd);
+      }
+      _mm256_storeu_ps(acc + 8 * j, even);
+      _mm256_storeu_ps(acc + 8 * j + 8, odd);
+    }
+  }
+}
+
+inline void accumulate_4bit_zx_upto8(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t n,
+    int64_t words,
+    const float* v) {
+  switch (n) {
+    case 1: accumulate_4bit_zx<1>(acc, rows, next, words, v); break;
+    case 2: accumulate_4bit_zx<2>(acc, rows, next, words, v); break;
+    case 3: accumulate_4bit_zx<3>(acc, rows, next, words, v); break;
+    case 4: accumulate_4bit_zx<4>(acc, rows, next, words, v); break;
+    case 5: accumulate_4bit_zx<5>(acc, rows, next, words, v); break;
+    case 6: accumulate_4bit_zx<6>(acc, rows, next, words, v); break;
+    case 7: accumulate_4bit_zx<7>(acc, rows, next, words, v); break;
+    default: accumulate_4bit_zx<8>(acc, rows, next, words, v); break;
+  }
+}
+
+// Blocks of 16 stored even outputs first back to output order, in place.
+inline void natural_order(float* acc, int64_t w) {
+  for (int64_t j = 0; j < w; j += 16) {
+    const __m256 even = _mm256_loadu_ps(acc + j);
+    const __m256 odd = _mm256_loadu_ps(acc + j + 8);
+    const __m256 lo = _mm256_unpacklo_ps(even, odd);  // 0 1 2 3 | 8 9 10 11
+    const __m256 hi = _mm256_unpackhi_ps(even, odd);  // 4 5 6 7 | 12 ... 15
+    _mm256_storeu_ps(acc + j, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(acc + j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+#endif
+
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
 // bias[g(i), o]) for o in [o0, o1), computed per group g as
 // scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
@@ -754,6 +825,8 @@ void qspvmm_cols_bits(
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
     const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
     const int64_t words = w / kPer;
+    const bool zx = BITS == 4 && words % 2 == 0;
+    (void)zx;
     for (int64_t j = 0; j < w; ++j) {
       yacc[j] = 0.0f;
     }
@@ -780,12 +853,23 @@ void qspvmm_cols_bits(
           const int64_t far = r + n + 8 + i < nact ? r + n + 8 + i : r;
           next[8 + i] = wq + idx[far] * words_per_row + t0 / kPer;
         }
+#if defined(__AVX2__)
+        if (zx) {
+          accumulate_4bit_zx_upto8(acc, rows, next, n, words, vals + r);
+          continue;
+        }
+#endif
         if (n == 8) {
           accumulate_codes8<BITS>(acc, rows, next, words, vals + r);
         } else {
           accumulate_codes_upto8<BITS>(acc, rows, next, n, words, vals + r);
         }
       }
+#if defined(__AVX2__)
+      if (zx) {
+        natural_order(acc, w);
+      }
+#endif
       const S* sg = scales + g * out + t0;
       const S* bg = biases + g * out + t0;
       for (int64_t j = 0; j < w; ++j) {

@@ -22,7 +22,10 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Bound relative to sum_i |x_i w_io| (float32 accumulation, output rounding).
 TOL = {mx.float32: 2e-6, mx.float16: 1.5e-3, mx.bfloat16: 1e-2}
 QUANTIZATIONS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
-SHAPES = [(384, 24), (256, 200)]  # (in, out): in a multiple of 128, out of 8
+# (in, out): in a multiple of 128, out of 8. An odd number of words per
+# thread takes the plain 4-bit input-sparse loop, 1040 outputs the AVX2
+# even/odd one; the big shape runs on two threads.
+SHAPES = [(384, 24), (256, 200), (512, 1040)]
 
 
 def quantized_linear(n_in, n_out, bits, group_size, dtype=mx.float32, seed=0):
