@@ -559,74 +559,17 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   }
 }
 
-inline void prefetch_row(const uint32_t* p, int64_t words) {
-  prefetch_bytes(p, words * static_cast<int64_t>(sizeof(uint32_t)));
-}
-
-// acc[c] += v * code(c) for the codes c of `words` words of one row.
-template <int BITS>
-inline void accumulate_codes(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* CHESS_MLX_RESTRICT row,
-    int64_t words,
-    float v) {
-  constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  for (int64_t j = 0; j < words; ++j) {
-    const uint32_t u = row[j];
-    for (int t = 0; t < kPer; ++t) {
-      acc[j * kPer + t] += v * static_cast<float>((u >> (BITS * t)) & kMask);
-    }
+// One line of each of the next pass's eight rows into L1 and of the pass
+// after's into L2, at word offset j0: spread over a pass, not in a burst.
+inline void prefetch_next_lines(const uint32_t* const* next, int64_t j0) {
+  for (int n = 0; n < 8; ++n) {
+    __builtin_prefetch(next[n] + j0, 0, 3);
+    __builtin_prefetch(next[8 + n] + j0, 0, 2);
   }
 }
 
-// Two rows per pass: half the accumulator loads and stores.
-template <int BITS>
-inline void accumulate_codes2(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* CHESS_MLX_RESTRICT r0,
-    const uint32_t* CHESS_MLX_RESTRICT r1,
-    int64_t words,
-    float v0,
-    float v1) {
-  constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  for (int64_t j = 0; j < words; ++j) {
-    const uint32_t u0 = r0[j];
-    const uint32_t u1 = r1[j];
-    for (int t = 0; t < kPer; ++t) {
-      acc[j * kPer + t] +=
-          v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
-          v1 * static_cast<float>((u1 >> (BITS * t)) & kMask);
-    }
-  }
-}
-
-template <int BITS>
-inline void accumulate_codes4(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* CHESS_MLX_RESTRICT r0,
-    const uint32_t* CHESS_MLX_RESTRICT r1,
-    const uint32_t* CHESS_MLX_RESTRICT r2,
-    const uint32_t* CHESS_MLX_RESTRICT r3,
-    int64_t words,
-    const float* v) {
-  constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
-  for (int64_t j = 0; j < words; ++j) {
-    const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
-    for (int t = 0; t < kPer; ++t) {
-      acc[j * kPer + t] +=
-          (v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
-           v1 * static_cast<float>((u1 >> (BITS * t)) & kMask)) +
-          (v2 * static_cast<float>((u2 >> (BITS * t)) & kMask) +
-           v3 * static_cast<float>((u3 >> (BITS * t)) & kMask));
-    }
-  }
-}
-
-// Eight rows per pass: half the accumulator loads and stores of four.
+// acc[c] += sum over the eight rows n of v[n] * code(rows[n], c), summed
+// pairwise; prefetches as accumulate_codes_n does.
 template <int BITS>
 inline void accumulate_codes8(
     float* CHESS_MLX_RESTRICT acc,
@@ -648,25 +591,22 @@ inline void accumulate_codes8(
   const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
   const float v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    for (int n = 0; n < 8; ++n) {
-      __builtin_prefetch(next[n] + j0, 0, 3);
-      __builtin_prefetch(next[8 + n] + j0, 0, 2);
-    }
+    prefetch_next_lines(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; ++j) {
-    const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
-    const uint32_t u4 = r4[j], u5 = r5[j], u6 = r6[j], u7 = r7[j];
-    for (int t = 0; t < kPer; ++t) {
-      acc[j * kPer + t] +=
-          ((v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
-            v1 * static_cast<float>((u1 >> (BITS * t)) & kMask)) +
-           (v2 * static_cast<float>((u2 >> (BITS * t)) & kMask) +
-            v3 * static_cast<float>((u3 >> (BITS * t)) & kMask))) +
-          ((v4 * static_cast<float>((u4 >> (BITS * t)) & kMask) +
-            v5 * static_cast<float>((u5 >> (BITS * t)) & kMask)) +
-           (v6 * static_cast<float>((u6 >> (BITS * t)) & kMask) +
-            v7 * static_cast<float>((u7 >> (BITS * t)) & kMask)));
-    }
+      const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
+      const uint32_t u4 = r4[j], u5 = r5[j], u6 = r6[j], u7 = r7[j];
+      for (int t = 0; t < kPer; ++t) {
+        acc[j * kPer + t] +=
+            ((v0 * static_cast<float>((u0 >> (BITS * t)) & kMask) +
+              v1 * static_cast<float>((u1 >> (BITS * t)) & kMask)) +
+             (v2 * static_cast<float>((u2 >> (BITS * t)) & kMask) +
+              v3 * static_cast<float>((u3 >> (BITS * t)) & kMask))) +
+            ((v4 * static_cast<float>((u4 >> (BITS * t)) & kMask) +
+              v5 * static_cast<float>((u5 >> (BITS * t)) & kMask)) +
+             (v6 * static_cast<float>((u6 >> (BITS * t)) & kMask) +
+              v7 * static_cast<float>((u7 >> (BITS * t)) & kMask)));
+      }
     }
   }
 }
@@ -684,10 +624,7 @@ inline void accumulate_codes_n(
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    for (int n = 0; n < 8; ++n) {
-      __builtin_prefetch(next[n] + j0, 0, 3);
-      __builtin_prefetch(next[8 + n] + j0, 0, 2);
-    }
+    prefetch_next_lines(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; ++j) {
       uint32_t u[N];
@@ -744,10 +681,7 @@ inline void accumulate_4bit_zx(
     vn[n] = _mm256_set1_ps(v[n]);
   }
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    for (int n = 0; n < 8; ++n) {
-      __builtin_prefetch(next[n] + j0, 0, 3);
-      __builtin_prefetch(next[8 + n] + j0, 0, 2);
-    }
+    prefetch_next_lines(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; j += 2) {
       __m256 even = _mm256_loadu_ps(acc + 8 * j);
