@@ -75,6 +75,10 @@ using QVmmspRowsFn = void (*)(
     const float* xgsum, const int32_t* idx, const float* gates, int64_t k0,
     int64_t k1, void* y);
 
+// qvmmsp, before qvmmsp_rows: puts xf in the order this table's
+// qvmmsp_rows reads (in place, once per call; group sums unchanged).
+using QVmmspOrderXFn = void (*)(int bits, float* xf, int64_t in);
+
 struct Table {
   const char* isa;
   CollectInFn collect_in[NUM_DTYPES];
@@ -86,6 +90,7 @@ struct Table {
   VmmspRowsFn vmmsp_rows[NUM_DTYPES];
   QSpvmmColsFn qspvmm_cols[NUM_DTYPES];
   QVmmspRowsFn qvmmsp_rows[NUM_DTYPES];
+  QVmmspOrderXFn qvmmsp_order_x;
 };
 
 const Table& table_generic();

@@ -21,7 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -559,12 +559,14 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   }
 }
 
-// One line of each of the next pass's eight rows into L1 and of the pass
-// after's into L2, at word offset j0: spread over a pass, not in a burst.
+// One line of each of the next pass's R rows (next[0, R)) into L1 and of
+// the pass after's (next[R, 2R)) into L2, at word offset j0: called as a
+// pass goes, so the fetches spread over it instead of coming in a burst.
+template <int R>
 inline void prefetch_next_lines(const uint32_t* const* next, int64_t j0) {
-  for (int n = 0; n < 8; ++n) {
+  for (int n = 0; n < R; ++n) {
     __builtin_prefetch(next[n] + j0, 0, 3);
-    __builtin_prefetch(next[8 + n] + j0, 0, 2);
+    __builtin_prefetch(next[R + n] + j0, 0, 2);
   }
 }
 
@@ -591,7 +593,7 @@ inline void accumulate_codes8(
   const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
   const float v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    prefetch_next_lines(next, j0);
+    prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; ++j) {
       const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
@@ -624,7 +626,7 @@ inline void accumulate_codes_n(
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    prefetch_next_lines(next, j0);
+    prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; ++j) {
       uint32_t u[N];
@@ -642,78 +644,64 @@ inline void accumulate_codes_n(
   }
 }
 
-// The fewer-than-eight rows left in a group, in a single pass.
-template <int BITS>
-inline void accumulate_codes_upto8(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* const* rows,
-    const uint32_t* const* next,
-    int64_t n,
-    int64_t words,
-    const float* v) {
+// fn(std::integral_constant<int, n>{}) for a run-time row count n in
+// [1, 8]: each pass's loops unroll over its rows.
+template <typename Fn>
+inline void with_row_count(int64_t n, Fn fn) {
   switch (n) {
-    case 1: accumulate_codes_n<BITS, 1>(acc, rows, next, words, v); break;
-    case 2: accumulate_codes_n<BITS, 2>(acc, rows, next, words, v); break;
-    case 3: accumulate_codes_n<BITS, 3>(acc, rows, next, words, v); break;
-    case 4: accumulate_codes_n<BITS, 4>(acc, rows, next, words, v); break;
-    case 5: accumulate_codes_n<BITS, 5>(acc, rows, next, words, v); break;
-    case 6: accumulate_codes_n<BITS, 6>(acc, rows, next, words, v); break;
-    default: accumulate_codes_n<BITS, 7>(acc, rows, next, words, v); break;
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
   }
 }
 
 #if defined(__AVX2__)
-// The 4-bit form of accumulate_codes_n: each 16 outputs' eight bytes
-// zero-extend to eight lanes whose low nibbles are the even outputs and high
-// nibbles the odd ones (as in group_dots_4bit), so acc holds each block of
-// 16 even outputs first; natural_order puts them back. Needs words even.
+// The 16 4-bit codes in the eight bytes at p, as floats: eight bytes
+// zero-extend to eight lanes whose low nibbles are the even codes and high
+// nibbles the odd ones. Five instructions per 16 codes where broadcast,
+// shift and mask take eight.
+inline void codes16_even_odd(const uint32_t* p, __m256& even, __m256& odd) {
+  const __m256i b =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  even = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+// The 4-bit form of accumulate_codes_n, through codes16_even_odd: acc holds
+// each block of 16 outputs even ones first, and natural_order puts them
+// back. Needs words even.
 template <int N>
-inline void accumulate_4bit_zx(
+inline void accumulate_4bit_even_odd(
     float* CHESS_MLX_RESTRICT acc,
     const uint32_t* const* rows,
     const uint32_t* const* next,
     int64_t words,
     const float* v) {
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
-  const __m256i low = _mm256_set1_epi32(15);
   __m256 vn[N];
   for (int n = 0; n < N; ++n) {
     vn[n] = _mm256_set1_ps(v[n]);
   }
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    prefetch_next_lines(next, j0);
+    prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     for (int64_t j = j0; j < j1; j += 2) {
       __m256 even = _mm256_loadu_ps(acc + 8 * j);
       __m256 odd = _mm256_loadu_ps(acc + 8 * j + 8);
       for (int n = 0; n < N; ++n) {
-        const __m256i b = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[n] + j)));
-        even = _mm256_fmadd_ps(vn[n], _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), even);
-        odd = _mm256_fmadd_ps(vn[n], _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd);
+        __m256 ce, co;
+        codes16_even_odd(rows[n] + j, ce, co);
+        even = _mm256_fmadd_ps(vn[n], ce, even);
+        odd = _mm256_fmadd_ps(vn[n], co, odd);
       }
       _mm256_storeu_ps(acc + 8 * j, even);
       _mm256_storeu_ps(acc + 8 * j + 8, odd);
     }
-  }
-}
-
-inline void accumulate_4bit_zx_upto8(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* const* rows,
-    const uint32_t* const* next,
-    int64_t n,
-    int64_t words,
-    const float* v) {
-  switch (n) {
-    case 1: accumulate_4bit_zx<1>(acc, rows, next, words, v); break;
-    case 2: accumulate_4bit_zx<2>(acc, rows, next, words, v); break;
-    case 3: accumulate_4bit_zx<3>(acc, rows, next, words, v); break;
-    case 4: accumulate_4bit_zx<4>(acc, rows, next, words, v); break;
-    case 5: accumulate_4bit_zx<5>(acc, rows, next, words, v); break;
-    case 6: accumulate_4bit_zx<6>(acc, rows, next, words, v); break;
-    case 7: accumulate_4bit_zx<7>(acc, rows, next, words, v); break;
-    default: accumulate_4bit_zx<8>(acc, rows, next, words, v); break;
   }
 }
 
@@ -759,8 +747,11 @@ void qspvmm_cols_bits(
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
     const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
     const int64_t words = w / kPer;
-    const bool zx = BITS == 4 && words % 2 == 0;
-    (void)zx;
+#if defined(__AVX2__)
+    const bool even_odd = BITS == 4 && words % 2 == 0;
+#else
+    constexpr bool even_odd = false;
+#endif
     for (int64_t j = 0; j < w; ++j) {
       yacc[j] = 0.0f;
     }
@@ -787,20 +778,23 @@ void qspvmm_cols_bits(
           const int64_t far = r + n + 8 + i < nact ? r + n + 8 + i : r;
           next[8 + i] = wq + idx[far] * words_per_row + t0 / kPer;
         }
+        with_row_count(n, [&](auto rows_n) {
+          constexpr int N = decltype(rows_n)::value;
 #if defined(__AVX2__)
-        if (zx) {
-          accumulate_4bit_zx_upto8(acc, rows, next, n, words, vals + r);
-          continue;
-        }
+          if (even_odd) {
+            accumulate_4bit_even_odd<N>(acc, rows, next, words, vals + r);
+            return;
+          }
 #endif
-        if (n == 8) {
-          accumulate_codes8<BITS>(acc, rows, next, words, vals + r);
-        } else {
-          accumulate_codes_upto8<BITS>(acc, rows, next, n, words, vals + r);
-        }
+          if constexpr (N == 8) {
+            accumulate_codes8<BITS>(acc, rows, next, words, vals + r);
+          } else {
+            accumulate_codes_n<BITS, N>(acc, rows, next, words, vals + r);
+          }
+        });
       }
 #if defined(__AVX2__)
-      if (zx) {
+      if (even_odd) {
         natural_order(acc, w);
       }
 #endif
@@ -884,24 +878,9 @@ inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
 }
 
 #if defined(__AVX2__)
-// x with each 16 inputs reordered even-first, the order in which
-// group_dots_4bit reads a block's codes.
-inline const float* even_odd_x(const float* xf, int64_t in) {
-  thread_local std::vector<float> buf;
-  buf.resize(in);
-  for (int64_t b = 0; b < in; b += 16) {
-    for (int t = 0; t < 8; ++t) {
-      buf[b + t] = xf[b + 2 * t];
-      buf[b + 8 + t] = xf[b + 2 * t + 1];
-    }
-  }
-  return buf.data();
-}
-
-// The four rows' 4-bit dots with one group of x (even-first, see
-// even_odd_x): eight bytes zero-extend to eight lanes whose low nibbles are
-// the even codes and high nibbles the odd ones, five instructions per 16
-// codes where broadcast, shift and mask take eight.
+// The R rows' 4-bit dots with one group of x, x in the order of
+// qvmmsp_order_x (each 16 inputs even ones first), as codes16_even_odd
+// yields the codes.
 template <int R>
 inline void group_dots_4bit(
     const uint32_t* const* row,
@@ -909,7 +888,6 @@ inline void group_dots_4bit(
     const float* CHESS_MLX_RESTRICT xg,
     int64_t group_size,
     F8* dot) {
-  const __m256i low = _mm256_set1_epi32(15);
   __m256 even[R], odd[R];
   for (int r = 0; r < R; ++r) {
     even[r] = _mm256_setzero_ps();
@@ -919,10 +897,10 @@ inline void group_dots_4bit(
     const __m256 xe = _mm256_loadu_ps(xg + c);
     const __m256 xo = _mm256_loadu_ps(xg + c + 8);
     for (int r = 0; r < R; ++r) {
-      const __m256i b = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row[r] + w0 + c / 8)));
-      even[r] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), even[r]);
-      odd[r] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd[r]);
+      __m256 ce, co;
+      codes16_even_odd(row[r] + w0 + c / 8, ce, co);
+      even[r] = _mm256_fmadd_ps(xe, ce, even[r]);
+      odd[r] = _mm256_fmadd_ps(xo, co, odd[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -930,6 +908,30 @@ inline void group_dots_4bit(
   }
 }
 #endif
+
+// Puts xf (in floats) in the order qvmmsp_rows reads it, in place: with
+// AVX2 and 4 bits, each 16 inputs even ones first; otherwise as it is.
+// Groups (multiples of 16 inputs) keep their members, so group sums of xf
+// are the same either way.
+inline void qvmmsp_order_x(int bits, float* xf, int64_t in) {
+#if defined(__AVX2__)
+  if (bits != 4) {
+    return;
+  }
+  for (int64_t b = 0; b < in; b += 16) {
+    float block[16];
+    for (int t = 0; t < 8; ++t) {
+      block[t] = xf[b + 2 * t];
+      block[8 + t] = xf[b + 2 * t + 1];
+    }
+    std::memcpy(xf + b, block, sizeof(block));
+  }
+#else
+  (void)bits;
+  (void)xf;
+  (void)in;
+#endif
+}
 
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
 // for the kept rows k in [k0, k1) of the stock layout, four rows at a time
@@ -958,11 +960,6 @@ void qvmmsp_rows_bits(
   S* y = static_cast<S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
-#if defined(__AVX2__)
-  const float* xq = BITS == 4 ? even_odd_x(xf, in) : xf;
-#else
-  const float* xq = xf;
-#endif
   for (int64_t k = k0; k < k1; k += kRows) {
     int64_t o[kRows];
     const uint32_t* row[kRows];
@@ -988,13 +985,10 @@ void qvmmsp_rows_bits(
     float bias[kRows] = {};
     for (int64_t g = 0; g < groups; ++g) {
       F8 dot[kRows] = {};
-      const float* xg = xq + g * group_size;
+      const float* xg = xf + g * group_size;
       const int64_t w0 = g * group_size / kPer;
       for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
-        for (int r = 0; r < kRows; ++r) {
-          __builtin_prefetch(next[r] + w0 + b, 0, 3);
-          __builtin_prefetch(next[kRows + r] + w0 + b, 0, 2);
-        }
+        prefetch_next_lines<kRows>(next, w0 + b);
       }
 #if defined(__AVX2__)
       if constexpr (BITS == 4) {
@@ -1063,6 +1057,7 @@ const Table& CHESS_MLX_KERNEL_TABLE() {
       {&K::vmmsp_rows<F32>, &K::vmmsp_rows<F16>, &K::vmmsp_rows<BF16>},
       {&K::qspvmm_cols<F32>, &K::qspvmm_cols<F16>, &K::qspvmm_cols<BF16>},
       {&K::qvmmsp_rows<F32>, &K::qvmmsp_rows<F16>, &K::qvmmsp_rows<BF16>},
+      &K::qvmmsp_order_x,
   };
   return table;
 }

@@ -628,6 +628,7 @@ void SparseOutGateQGemv::eval_cpu(
     for (int64_t i = 0; i < in; ++i) {
       sc.xgsum[i / group_size] += sc.xf[i];
     }
+    kt.qvmmsp_order_x(bits, sc.xf.data(), in);
     QVmmspJob job{
         kt.qvmmsp_rows[dt], wp, in, bits, group_size, sp, bp, sc.xf.data(),
         sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact, y_ptr};
