@@ -194,14 +194,15 @@ int64_t collect_in(
     float* CHESS_MLX_RESTRICT vals) {
   using E = Elem<DT>;
   const auto* x = static_cast<const typename E::S*>(xv);
+  // Branch-free: every channel is written at the next free slot, which
+  // only a kept one claims. A branch per channel would mispredict on about
+  // half of them, as many cycles as a sparse GEMV's quarter of its rows.
   int64_t k = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = E::load(x[i]);
-    if (keep(v, thr[i * thr_stride])) {
-      idx[k] = static_cast<int32_t>(i);
-      vals[k] = v;
-      ++k;
-    }
+    idx[k] = static_cast<int32_t>(i);
+    vals[k] = v;
+    k += keep(v, thr[i * thr_stride]);
   }
   return k;
 }
@@ -218,16 +219,15 @@ int64_t collect_out(
   using E = Elem<DT>;
   const auto* g = static_cast<const typename E::S*>(gv);
   auto* y = static_cast<typename E::S*>(yv);
+  // Branch-free as collect_in; kept outputs' zeros are overwritten later.
+  const typename E::S zero = E::store(0.0f);
   int64_t k = 0;
   for (int64_t o = 0; o < n; ++o) {
     const float v = E::load(g[o]);
-    if (keep(v, thr[o * thr_stride])) {
-      idx[k] = static_cast<int32_t>(o);
-      gates[k] = v;
-      ++k;
-    } else {
-      y[o] = E::store(0.0f);
-    }
+    idx[k] = static_cast<int32_t>(o);
+    gates[k] = v;
+    y[o] = zero;
+    k += keep(v, thr[o * thr_stride]);
   }
   return k;
 }

@@ -625,8 +625,10 @@ void SparseOutGateQGemv::eval_cpu(
     kt.to_f32[dt](xp, in, sc.xf.data());
     const int64_t groups = in / group_size;
     sc.xgsum.assign(std::max<int64_t>(groups, 1), 0.0f);
-    for (int64_t i = 0; i < in; ++i) {
-      sc.xgsum[i / group_size] += sc.xf[i];
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i) {
+        sc.xgsum[g] += sc.xf[i];
+      }
     }
     kt.qvmmsp_order_x(bits, sc.xf.data(), in);
     QVmmspJob job{
