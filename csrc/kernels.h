@@ -89,6 +89,8 @@ struct Table {
   ToF32Fn to_f32[NUM_DTYPES];
   VmmspRowsFn vmmsp_rows[NUM_DTYPES];
   QSpvmmColsFn qspvmm_cols[NUM_DTYPES];
+  // qspvmm_cols into float32 y (a split-K share; scales/biases of DType).
+  QSpvmmColsFn qspvmm_partial[NUM_DTYPES];
   QVmmspRowsFn qvmmsp_rows[NUM_DTYPES];
   QVmmspOrderXFn qvmmsp_order_x;
 };

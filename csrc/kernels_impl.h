@@ -570,6 +570,44 @@ inline void prefetch_next_lines(const uint32_t* const* next, int64_t j0) {
   }
 }
 
+// A plain load of one byte. Software prefetches alone of the next group's
+// scales and biases gained nothing measurable; led by a load of their first
+// line (our guess: the prefetches were dropped on a TLB miss, which the
+// load resolves) they made the GEMV about 7% faster.
+inline void touch(const char* p) {
+  const char v = *reinterpret_cast<const volatile char*>(p);
+  asm volatile("" : : "r"(v));
+}
+
+// Scales and biases for the outputs of a pass's words, fetched line by
+// line as the pass goes: the next group's into L2 during a group's first
+// pass, the group's own into L1 during its last. Read cold at the group's
+// end, they stalled the input-sparse GEMV for about a sixth of its time;
+// its last pass alone is too short to hide a fetch from DRAM.
+struct GroupPrefetch {
+  const char* own[2] = {nullptr, nullptr};  // nullptr: nothing to fetch
+  const char* next[2] = {nullptr, nullptr};
+  int64_t bytes_per_word = 0;
+
+  void operator()(int64_t j0, int64_t words) const {
+    const int64_t b0 = j0 * bytes_per_word;
+    const int64_t bytes = words * bytes_per_word;
+    for (int a = 0; a < 2; ++a) {
+      if (own[a] != nullptr) {
+        prefetch_bytes(own[a] + b0, bytes);
+      }
+      if (next[a] != nullptr) {
+        if (j0 == 0) {
+          touch(next[a]);
+        }
+        for (int64_t b = 0; b < bytes; b += 64) {
+          __builtin_prefetch(next[a] + b0 + b, 0, 2);
+        }
+      }
+    }
+  }
+};
+
 // acc[c] += sum over the eight rows n of v[n] * code(rows[n], c), summed
 // pairwise; prefetches as accumulate_codes_n does.
 template <int BITS>
@@ -578,7 +616,8 @@ inline void accumulate_codes8(
     const uint32_t* const* rows,
     const uint32_t* const* next,
     int64_t words,
-    const float* v) {
+    const float* v,
+    const GroupPrefetch& group_prefetch) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
@@ -595,6 +634,7 @@ inline void accumulate_codes8(
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
     prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; ++j) {
       const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
       const uint32_t u4 = r4[j], u5 = r5[j], u6 = r6[j], u7 = r7[j];
@@ -621,13 +661,15 @@ inline void accumulate_codes_n(
     const uint32_t* const* rows,
     const uint32_t* const* next,
     int64_t words,
-    const float* v) {
+    const float* v,
+    const GroupPrefetch& group_prefetch) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
     prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; ++j) {
       uint32_t u[N];
       for (int n = 0; n < N; ++n) {
@@ -681,7 +723,8 @@ inline void accumulate_4bit_even_odd(
     const uint32_t* const* rows,
     const uint32_t* const* next,
     int64_t words,
-    const float* v) {
+    const float* v,
+    const GroupPrefetch& group_prefetch) {
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
   __m256 vn[N];
   for (int n = 0; n < N; ++n) {
@@ -690,6 +733,7 @@ inline void accumulate_4bit_even_odd(
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
     prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; j += 2) {
       __m256 even = _mm256_loadu_ps(acc + 8 * j);
       __m256 odd = _mm256_loadu_ps(acc + 8 * j + 8);
@@ -721,8 +765,9 @@ inline void natural_order(float* acc, int64_t w) {
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
 // bias[g(i), o]) for o in [o0, o1), computed per group g as
 // scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
-// biases are read only if one of its channels is kept.
-template <int DT, int BITS>
+// biases are read only if one of its channels is kept. With kPartial, y
+// is float32 (a split-K share, summed later) whatever DT is.
+template <int DT, int BITS, bool kPartial>
 void qspvmm_cols_bits(
     const uint32_t* wq,
     int64_t out,
@@ -740,7 +785,6 @@ void qspvmm_cols_bits(
   constexpr int kPer = 32 / BITS;
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
-  S* y = static_cast<S*>(yv);
   const int64_t words_per_row = out / kPer;
   alignas(64) float yacc[kColTile];
   alignas(64) float acc[kColTile];
@@ -767,10 +811,23 @@ void qspvmm_cols_bits(
       for (int64_t j = 0; j < w; ++j) {
         acc[j] = 0.0f;
       }
+      const S* sg = scales + g * out + t0;
+      const S* bg = biases + g * out + t0;
       const uint32_t* rows[8];
       const uint32_t* next[16];
       for (int64_t r = k; r < end; r += 8) {
         const int64_t n = end - r < 8 ? end - r : 8;
+        GroupPrefetch prefetch;
+        prefetch.bytes_per_word = static_cast<int64_t>(kPer * sizeof(S));
+        if (r + 8 >= end) {
+          prefetch.own[0] = reinterpret_cast<const char*>(sg);
+          prefetch.own[1] = reinterpret_cast<const char*>(bg);
+        }
+        if (r == k && end < nact) {
+          const int64_t g1 = idx[end] / group_size;
+          prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
+          prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
+        }
         for (int i = 0; i < 8; ++i) {
           const int64_t ahead = r + n + i < nact ? r + n + i : r;
           rows[i] = wq + idx[i < n ? r + i : r] * words_per_row + t0 / kPer;
@@ -782,14 +839,14 @@ void qspvmm_cols_bits(
           constexpr int N = decltype(rows_n)::value;
 #if defined(__AVX2__)
           if (even_odd) {
-            accumulate_4bit_even_odd<N>(acc, rows, next, words, vals + r);
+            accumulate_4bit_even_odd<N>(acc, rows, next, words, vals + r, prefetch);
             return;
           }
 #endif
           if constexpr (N == 8) {
-            accumulate_codes8<BITS>(acc, rows, next, words, vals + r);
+            accumulate_codes8<BITS>(acc, rows, next, words, vals + r, prefetch);
           } else {
-            accumulate_codes_n<BITS, N>(acc, rows, next, words, vals + r);
+            accumulate_codes_n<BITS, N>(acc, rows, next, words, vals + r, prefetch);
           }
         });
       }
@@ -798,20 +855,23 @@ void qspvmm_cols_bits(
         natural_order(acc, w);
       }
 #endif
-      const S* sg = scales + g * out + t0;
-      const S* bg = biases + g * out + t0;
       for (int64_t j = 0; j < w; ++j) {
         yacc[j] += E::load(sg[j]) * acc[j] + E::load(bg[j]) * xsum;
       }
       k = end;
     }
-    for (int64_t j = 0; j < w; ++j) {
-      y[t0 + j] = E::store(yacc[j]);
+    if constexpr (kPartial) {
+      std::memcpy(static_cast<float*>(yv) + t0, yacc, w * sizeof(float));
+    } else {
+      S* y = static_cast<S*>(yv);
+      for (int64_t j = 0; j < w; ++j) {
+        y[t0 + j] = E::store(yacc[j]);
+      }
     }
   }
 }
 
-template <int DT>
+template <int DT, bool kPartial>
 void qspvmm_cols(
     const uint32_t* wq,
     int64_t out,
@@ -826,10 +886,10 @@ void qspvmm_cols(
     int64_t o1,
     void* y) {
   if (bits == 4) {
-    qspvmm_cols_bits<DT, 4>(
+    qspvmm_cols_bits<DT, 4, kPartial>(
         wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
   } else {
-    qspvmm_cols_bits<DT, 8>(
+    qspvmm_cols_bits<DT, 8, kPartial>(
         wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
   }
 }
@@ -1055,7 +1115,12 @@ const Table& CHESS_MLX_KERNEL_TABLE() {
       {&K::collect_out<F32>, &K::collect_out<F16>, &K::collect_out<BF16>},
       {&K::to_f32<F32>, &K::to_f32<F16>, &K::to_f32<BF16>},
       {&K::vmmsp_rows<F32>, &K::vmmsp_rows<F16>, &K::vmmsp_rows<BF16>},
-      {&K::qspvmm_cols<F32>, &K::qspvmm_cols<F16>, &K::qspvmm_cols<BF16>},
+      {&K::qspvmm_cols<F32, false>,
+       &K::qspvmm_cols<F16, false>,
+       &K::qspvmm_cols<BF16, false>},
+      {&K::qspvmm_cols<F32, true>,
+       &K::qspvmm_cols<F16, true>,
+       &K::qspvmm_cols<BF16, true>},
       {&K::qvmmsp_rows<F32>, &K::qvmmsp_rows<F16>, &K::qvmmsp_rows<BF16>},
       &K::qvmmsp_order_x,
   };

@@ -159,6 +159,7 @@ void vmmsp_task(void* ctx, int t, int ntasks) {
 
 struct QSpvmmJob {
   K::QSpvmmColsFn fn;
+  K::QSpvmmColsFn partial;
   const uint32_t* wq;
   int64_t out;
   int bits;
@@ -170,6 +171,7 @@ struct QSpvmmJob {
   int64_t nact;
   int64_t chunk;
   void* y;
+  float* parts;
 };
 
 void qspvmm_task(void* ctx, int t, int) {
@@ -181,6 +183,17 @@ void qspvmm_task(void* ctx, int t, int) {
         j->wq, j->out, j->bits, j->group_size, j->scales, j->biases, j->idx,
         j->vals, j->nact, o0, o1, j->y);
   }
+}
+
+// Split-K: a share of the kept rows over every output, into float32 parts.
+void qspvmm_rows_task(void* ctx, int t, int ntasks) {
+  auto* j = static_cast<QSpvmmJob*>(ctx);
+  const int64_t k0 = j->nact * t / ntasks;
+  const int64_t k1 = j->nact * (t + 1) / ntasks;
+  j->partial(
+      j->wq, j->out, j->bits, j->group_size, j->scales, j->biases,
+      j->idx + k0, j->vals + k0, k1 - k0, 0, j->out,
+      static_cast<float*>(j->parts) + t * j->out);
 }
 
 struct QVmmspJob {
@@ -569,16 +582,27 @@ void SparseInQGemv::eval_cpu(
     const int64_t nact = kt.collect_in[dt](
         xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
     QSpvmmJob job{
-        kt.qspvmm_cols[dt], wp, out, bits, group_size, sp, bp,
-        sc.idx.data(), sc.vals.data(), nact, out, y_ptr};
+        kt.qspvmm_cols[dt], kt.qspvmm_partial[dt], wp, out, bits, group_size,
+        sp, bp, sc.idx.data(), sc.vals.data(), nact, out, y_ptr, nullptr};
     const int nth = threads_for(nact * out * bits / 8);
-    if (nth <= 1 || out < kColAlign * nth) {
+    if (nth <= 1 || out < kColAlign * nth || nact < 16) {
       qspvmm_task(&job, 0, 1);
       return;
     }
-    const int64_t per = (out + nth - 1) / nth;
-    job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
-    pool::run(nth, &qspvmm_task, &job);
+    if (out >= kMinColsPerTask * nth) {
+      const int64_t per = (out + nth - 1) / nth;
+      job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
+      pool::run(nth, &qspvmm_task, &job);
+      return;
+    }
+    // Split-K, as sparse_in_gemv: each task reads whole kept rows (and a
+    // group's scales and biases for every output), not a slice of each.
+    const int ntasks = static_cast<int>(std::min<int64_t>(
+        static_cast<int64_t>(nth) * kTasksPerThread, nact / 8));
+    sc.parts.resize(static_cast<size_t>(ntasks) * out);
+    job.parts = sc.parts.data();
+    pool::run(ntasks, &qspvmm_rows_task, &job);
+    kt.reduce_store[dt](sc.parts.data(), ntasks, out, 0, out, y_ptr);
   });
 }
 
