@@ -802,9 +802,10 @@ void qspvmm_cols_bits(
     int64_t k = 0;
     while (k < nact) {
       const int64_t g = idx[k] / group_size;
+      const int64_t group_end = (g + 1) * group_size;  // idx ascends
       int64_t end = k;
       float xsum = 0.0f;
-      while (end < nact && idx[end] / group_size == g) {
+      while (end < nact && idx[end] < group_end) {
         xsum += vals[end];
         ++end;
       }
