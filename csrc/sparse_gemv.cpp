@@ -193,7 +193,7 @@ void qspvmm_rows_task(void* ctx, int t, int ntasks) {
   j->partial(
       j->wq, j->out, j->bits, j->group_size, j->scales, j->biases,
       j->idx + k0, j->vals + k0, k1 - k0, 0, j->out,
-      static_cast<float*>(j->parts) + t * j->out);
+      j->parts + t * j->out);
 }
 
 struct QVmmspJob {
@@ -243,6 +243,35 @@ void check_float_operand(
   if (a.dtype() != x.dtype()) {
     fail(op, std::string(name) + " must have the same dtype as x");
   }
+}
+
+// Runs an input-sparse GEMV job on nth threads: one tile of output columns
+// per thread (no reduction) when each gets kMinColsPerTask of them, else
+// split-K, at most max_tasks shares of the kept rows into float32 parts
+// that `reduce` sums into y. Job has `chunk` and `parts`.
+template <typename Job>
+void run_input_sparse(
+    Job& job,
+    int nth,
+    int64_t out,
+    int64_t max_tasks,
+    pool::TaskFn cols_task,
+    pool::TaskFn rows_task,
+    Scratch& sc,
+    K::ReduceStoreFn reduce,
+    void* y) {
+  if (out >= kMinColsPerTask * nth) {
+    const int64_t per = (out + nth - 1) / nth;
+    job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
+    pool::run(nth, cols_task, &job);
+    return;
+  }
+  const int ntasks = static_cast<int>(std::min<int64_t>(
+      static_cast<int64_t>(nth) * kTasksPerThread, max_tasks));
+  sc.parts.resize(static_cast<size_t>(ntasks) * out);
+  job.parts = sc.parts.data();
+  pool::run(ntasks, rows_task, &job);
+  reduce(sc.parts.data(), ntasks, out, 0, out, y);
 }
 
 } // namespace
@@ -469,20 +498,9 @@ void SparseInGemv::eval_cpu(
       spvmm_cols_task(&job, 0, 1);
       return;
     }
-    if (out >= kMinColsPerTask * nth) {
-      // Output tiles: one column range per thread, no reduction.
-      const int64_t per = (out + nth - 1) / nth;
-      job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
-      pool::run(nth, &spvmm_cols_task, &job);
-      return;
-    }
-    // Split-K over the kept rows, then reduce the float32 partials.
-    const int ntasks = static_cast<int>(std::min<int64_t>(
-        static_cast<int64_t>(nth) * kTasksPerThread, nact / 4));
-    sc.parts.resize(static_cast<size_t>(ntasks) * out);
-    job.parts = sc.parts.data();
-    pool::run(ntasks, &spvmm_rows_task, &job);
-    kt.reduce_store[dt](sc.parts.data(), ntasks, out, 0, out, y_ptr);
+    run_input_sparse(
+        job, nth, out, nact / 4, &spvmm_cols_task, &spvmm_rows_task, sc,
+        kt.reduce_store[dt], y_ptr);
   });
 }
 
@@ -589,20 +607,11 @@ void SparseInQGemv::eval_cpu(
       qspvmm_task(&job, 0, 1);
       return;
     }
-    if (out >= kMinColsPerTask * nth) {
-      const int64_t per = (out + nth - 1) / nth;
-      job.chunk = (per + kColAlign - 1) / kColAlign * kColAlign;
-      pool::run(nth, &qspvmm_task, &job);
-      return;
-    }
-    // Split-K, as sparse_in_gemv: each task reads whole kept rows (and a
-    // group's scales and biases for every output), not a slice of each.
-    const int ntasks = static_cast<int>(std::min<int64_t>(
-        static_cast<int64_t>(nth) * kTasksPerThread, nact / 8));
-    sc.parts.resize(static_cast<size_t>(ntasks) * out);
-    job.parts = sc.parts.data();
-    pool::run(ntasks, &qspvmm_rows_task, &job);
-    kt.reduce_store[dt](sc.parts.data(), ntasks, out, 0, out, y_ptr);
+    // Split-K lets each task read whole kept rows (and a group's scales and
+    // biases for every output), not a slice of each.
+    run_input_sparse(
+        job, nth, out, nact / 8, &qspvmm_task, &qspvmm_rows_task, sc,
+        kt.reduce_store[dt], y_ptr);
   });
 }
 
