@@ -4,11 +4,13 @@
 // and dispatches one task on the primitive's CPU stream. That task
 // 1. compacts the kept channels (indices + float32 values) serially, then
 // 2. splits the remaining work over the persistent thread pool:
-//    - sparse_in_gemv: contiguous, 16-aligned tiles of output columns when
-//      each thread gets >= kMinColsPerTask columns (every thread reads its
-//      column slice of each kept row of wt); otherwise split-K: shares of
-//      the kept rows into float32 partial sums, reduced at the end;
-//    - sparse_out_gate_gemv: equal shares of the kept output rows.
+//    - sparse_in_gemv and sparse_in_qgemv: contiguous, 16-aligned tiles of
+//      output columns when each thread gets >= kMinColsPerTask columns
+//      (every thread reads its column slice of each kept row of wt);
+//      otherwise split-K: shares of the kept rows into float32 partial
+//      sums, reduced at the end (run_input_sparse);
+//    - sparse_out_gate_gemv and sparse_out_gate_qgemv: equal shares of the
+//      kept output rows.
 //    Small GEMVs (< kMinParallelBytes of weights to read) run inline.
 // Only the split (and so the float32 summation order) depends on the thread
 // count; results are otherwise deterministic.
