@@ -548,14 +548,17 @@ void vmmsp_rows(
 // (8 lanes at 4 bits); everything accumulates in float32.
 // ---------------------------------------------------------------------------
 
-// One hint per 64-byte line of [p, p + bytes).
+// One hint per 64-byte line of [p, p + bytes), at __builtin_prefetch's
+// locality (3: into L1, 2: into L2).
+template <int kLocality = 3>
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(c + b, 0, 3);
+    __builtin_prefetch(c + b, 0, kLocality);
   }
   if (bytes > 0) {
-    __builtin_prefetch(c + bytes - 1, 0, 3);  // an unaligned start's last line
+    // an unaligned start's last line
+    __builtin_prefetch(c + bytes - 1, 0, kLocality);
   }
 }
 
@@ -600,9 +603,7 @@ struct GroupPrefetch {
         if (j0 == 0) {
           touch(next[a]);
         }
-        for (int64_t b = 0; b < bytes; b += 64) {
-          __builtin_prefetch(next[a] + b0 + b, 0, 2);
-        }
+        prefetch_bytes<2>(next[a] + b0, bytes);
       }
     }
   }
