@@ -1,0 +1,76 @@
+"""Quantized GEMV time with every weight copy under its own random mask.
+
+    python scripts/quantized_masks.py                          # down_proj 8192x2048
+    python scripts/quantized_masks.py --shape 2048x2048        # q_proj/o_proj
+    python scripts/quantized_masks.py --shape 2048x8192 --out  # up_proj, gate-fused
+
+In a decode step each layer keeps its own channels, so here each of
+--copies random 4-bit weights (more bytes than the last-level cache) gets
+its own mask, and the copies run together, as one step's layers do. Prints
+microseconds per call with every channel kept, half kept at random, and
+none, and half over all. Run it on an otherwise idle machine.
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from chess_mlx import cpu_kernels
+from chess_mlx.bench import kept_vector
+from chess_mlx.quantized import QuantizedInputMajorLinear
+from chess_mlx.sparsify import out_gemv
+
+KEPT = (1.0, 0.5, 0.0)
+
+
+def quantized_layers(n_in: int, n_out: int, copies: int, bits: int, group_size: int) -> list:
+    layers = []
+    for _ in range(copies):
+        layer = nn.QuantizedLinear(n_in, n_out, False, group_size, bits)
+        weight = mx.random.normal((n_out, n_in)) * n_in**-0.5
+        layer.weight, layer.scales, layer.biases = mx.quantize(weight, group_size, bits)
+        layers.append(layer)
+    mx.eval([layer.parameters() for layer in layers])
+    return layers
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="8192x2048", help="IN x OUT (default: down_proj of Llama-3.2-1B)")
+    parser.add_argument("--out", action="store_true", help="output-sparse, gate-fused GEMV (up_proj)")
+    parser.add_argument("--copies", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64)
+    args = parser.parse_args()
+    n_in, n_out = (int(n) for n in args.shape.lower().split("x"))
+    layers = quantized_layers(n_in, n_out, args.copies, args.bits, args.group_size)
+    if args.out:
+        x = kept_vector(n_in, 1.0)[None]
+        masks = {k: [kept_vector(n_out, k, seed=i) for i in range(args.copies)] for k in KEPT}
+
+        def call(layer, gate):
+            return out_gemv(cpu_kernels, x, layer, gate, 1.0)
+    else:
+        layers = [QuantizedInputMajorLinear(layer) for layer in layers]
+        mx.eval([layer.parameters() for layer in layers])
+        masks = {k: [kept_vector(n_in, k, seed=i)[None] for i in range(args.copies)] for k in KEPT}
+
+        def call(layer, x):
+            return layer.sparse_gemv(cpu_kernels, x, 1.0)
+    seconds = {k: [] for k in KEPT}
+    for _ in range(args.reps):
+        for k, mask in masks.items():
+            outputs = [call(layer, m) for layer, m in zip(layers, mask)]
+            start = time.perf_counter()
+            mx.eval(outputs)
+            seconds[k].append((time.perf_counter() - start) / args.copies)
+    us = {k: 1e6 * float(np.median(v)) for k, v in seconds.items()}
+    print(f"dense {us[1.0]:.0f} us | half {us[0.5]:.0f} ({us[0.5] / us[1.0]:.3f}) | none {us[0.0]:.0f}")
+
+
+if __name__ == "__main__":
+    main()
