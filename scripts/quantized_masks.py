@@ -37,16 +37,25 @@ def quantized_layers(n_in: int, n_out: int, copies: int, bits: int, group_size: 
     return layers
 
 
+def shape(text: str) -> tuple:
+    try:
+        n_in, n_out = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IN x OUT such as 8192x2048, got '{text}'") from None
+    return n_in, n_out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="8192x2048", help="IN x OUT (default: down_proj of Llama-3.2-1B)")
+    parser.add_argument("--shape", type=shape, default="8192x2048",
+                        help="IN x OUT (default: down_proj of Llama-3.2-1B)")
     parser.add_argument("--out", action="store_true", help="output-sparse, gate-fused GEMV (up_proj)")
     parser.add_argument("--copies", type=int, default=16)
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     args = parser.parse_args()
-    n_in, n_out = (int(n) for n in args.shape.lower().split("x"))
+    n_in, n_out = args.shape
     layers = quantized_layers(n_in, n_out, args.copies, args.bits, args.group_size)
     if args.out:
         x = kept_vector(n_in, 1.0)[None]
