@@ -48,7 +48,7 @@ from .calibrate import calibrate, parse_speedups, parse_sparsities, spread_token
 from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity, planned_sparsity,
                     realized_head_sparsity, realized_sparsity)
 from .errors import ChessError
-from .quantized import QuantizedInputMajorLinear
+from .quantized import QuantizedInputMajorLinear, half_scales
 from .sparsify import (
     configurations, default_kernels, kernel_backend, lm_head, model_layers, out_gemv, parse_methods,
     shared_relayouts, sparsify, target_label, track_sparsity, unsparsify,
@@ -189,15 +189,33 @@ def random_model(args: llama.ModelArgs, dtype: str = "float32", seed: int = 0) -
 class Quantization:
     bits: int = 4
     group_size: int = 64  # mlx-community's default
+    scales_dtype: str = "bfloat16"  # of the linears' scales and biases, as mlx-community's
+
+
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype decode runs in: the norms'."""
+    return next(v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight"))
 
 
 def quantize(model: nn.Module, quantization: Quantization) -> str:
-    """Quantize a float model in place (every linear and the embedding); its
-    description. The random model is calibrated before, in float: MLX's CPU
+    """Quantize a float model in place (every linear and the embedding) as
+    ``mlx_lm.convert`` quantizes a checkpoint of ``scales_dtype``, then run
+    it in its own dtype as :func:`chess_mlx.utils.load` runs such a
+    checkpoint (scales stay half where exact); its description.
+    The random model is calibrated before, in float: MLX's CPU
     quantized matmul would make that prefill slow, and speed does not care."""
+    dtype = activation_dtype(model)
+    model.set_dtype(DTYPES[quantization.scales_dtype])
     nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits)
+    model.set_dtype(dtype)
+    half_scales(model)
     mx.eval(model.parameters())
-    return f"{quantization.bits}-bit, group {quantization.group_size}"
+    scales = model_layers(model)[0].mlp.gate_proj.scales.dtype
+    return f"{quantization.bits}-bit, group {quantization.group_size}, {dtype_name(scales)} scales"
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).split(".")[-1]
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -583,7 +601,8 @@ def weight_copies(
         layers = []
         for w in linear:
             layer = nn.QuantizedLinear(shape.n_in, shape.n_out, False, quantization.group_size, quantization.bits)
-            layer.weight, layer.scales, layer.biases = mx.quantize(w, quantization.group_size, quantization.bits)
+            layer.weight, scales, biases = mx.quantize(w, quantization.group_size, quantization.bits)
+            layer.scales, layer.biases = (a.astype(DTYPES[quantization.scales_dtype]) for a in (scales, biases))
             mx.eval(layer.parameters())
             layers.append(layer)
         size = int(bytes_per_weight(layers[0], params) * params)
@@ -807,10 +826,10 @@ def run_benchmark(
     gate_proj = model_layers(model)[0].mlp.gate_proj
     quantization = None
     if isinstance(gate_proj, nn.QuantizedLinear):
-        quantization = Quantization(gate_proj.bits, gate_proj.group_size)
+        quantization = Quantization(gate_proj.bits, gate_proj.group_size, dtype_name(gate_proj.scales.dtype))
         if kernels is not None and not hasattr(kernels, "sparse_in_qgemv"):
             kernels = None  # no quantized kernels on this backend: no kernel rows
-    dtype = gate_proj.scales.dtype if quantization else gate_proj.weight.dtype
+    dtype = activation_dtype(model)
     configs = make_configs(methods, sparsities, speedups)
     ratio = head_ratio(model, shapes)
     ideal = Ideal.of(model, ratio)
@@ -821,7 +840,7 @@ def run_benchmark(
         kernel_rows = bench_kernels(shapes, kernels, settings, dtype, bar, quantization, methods) if kernels else []
     return {
         "machine": machine_info(kernels),
-        "model": {"shapes": dataclasses.asdict(shapes), "dtype": str(dtype).split(".")[-1],
+        "model": {"shapes": dataclasses.asdict(shapes), "dtype": dtype_name(dtype),
                   "quantization": dataclasses.asdict(quantization) if quantization else None,
                   "head_ratio": ratio},
         "settings": {**dataclasses.asdict(settings), "prompt_tokens": prompt.size},
@@ -853,13 +872,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="smollm2 (offline default), llama-1b-random (random weights, Llama-3.2-1B "
                         "shapes) or a .gguf file, mlx-lm folder or Hugging Face repo")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="Weight type (float32: the fast one on CPUs); with --quantized, of scales and activations")
+                        help="Weight type (float32: the fast one on CPUs); with --quantized, of activations")
     parser.add_argument("--quantized", action="store_true",
                         help="Quantized weights: the model's own (smollm2: 4-bit, group 32), or for "
                         "llama-1b-random a quantization with --q-bits and --q-group-size")
     parser.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="Bits for --quantized llama-1b-random")
     parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
                         help="Group size for --quantized llama-1b-random")
+    parser.add_argument("--q-scales-dtype", choices=list(DTYPES), default="bfloat16",
+                        help="Scales and biases of --quantized llama-1b-random, as a checkpoint "
+                        "of this dtype stores them (on the CPU, float32 ones cost more bytes)")
     parser.add_argument("--thresholds", default=None,
                         help="Thresholds file (default: the shipped ones, else calibrated here on a few windows)")
     parser.add_argument("--calibration-data", default=None,
@@ -894,7 +916,7 @@ def main(argv=None):
         speedups = parse_speedups(args.speedup) if "alloc" in methods else []
         settings = make_settings(args)
         check_outputs(args)
-        quantization = Quantization(args.q_bits, args.q_group_size) if args.quantized else None
+        quantization = Quantization(args.q_bits, args.q_group_size, args.q_scales_dtype) if args.quantized else None
         model, tokenizer, label = load_model(args.model, args.dtype, quantization)
         thresholds, source = resolve_thresholds(model, tokenizer, args, methods, sparsities, speedups, settings)
         if quantization is not None and not is_quantized(model):

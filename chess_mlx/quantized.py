@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 BITS = (4, 8)
+HALF_DTYPES = (mx.bfloat16, mx.float16)
 
 
 def unpack_codes(packed: mx.array, bits: int) -> mx.array:
@@ -100,3 +101,31 @@ class QuantizedInputMajorLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.parameters()))
 
+
+
+def exact_half(a: mx.array):
+    """The half-precision dtype that holds every value of ``a`` exactly, or None."""
+    for dtype in HALF_DTYPES:
+        if mx.array_equal(a.astype(dtype).astype(a.dtype), a).item():
+            return dtype
+    return None
+
+
+def half_scales(model: nn.Module) -> int:
+    """Store the scales and biases of ``model``'s quantized linears in half
+    precision where that holds them exactly (a half-precision checkpoint's
+    do), whatever the activations' dtype; the bytes saved.
+
+    MLX's quantized matmul and the kernels read them with float32
+    activations and give the same results, so a checkpoint run in float32
+    on the CPU keeps its smaller layers. Embeddings keep theirs: a lookup
+    returns the scales' dtype."""
+    saved = 0
+    for _, layer in model.named_modules():
+        if type(layer) is not nn.QuantizedLinear or layer.scales.dtype in HALF_DTYPES:
+            continue
+        dtype = exact_half(mx.concatenate([layer.scales.flatten(), layer.biases.flatten()]))
+        if dtype is not None:
+            saved += (layer.scales.nbytes + layer.biases.nbytes) // 2
+            layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    return saved

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ChessError
+from .quantized import half_scales
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SHIPPED_THRESHOLDS = Path(__file__).parent / "thresholds"
@@ -43,9 +44,10 @@ def load(model: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[nn.M
             cast(loaded, DTYPES[dtype])
     if dtype is None and mx.default_device() == mx.cpu:
         # MLX's CPU kernels are ~40x slower in float16 than in float32
-        # (quantized matmul included), so on CPU the float parts
-        # (norms, scales, biases, activations) run in float32.
+        # (quantized matmul included), so on CPU the float parts (norms,
+        # activations) run in float32; quantized scales stay half.
         loaded.set_dtype(mx.float32)
+        half_scales(loaded)
     return loaded, tokenizer, name
 
 

@@ -88,10 +88,12 @@ struct Table {
   CollectOutFn collect_out[NUM_DTYPES];
   ToF32Fn to_f32[NUM_DTYPES];
   VmmspRowsFn vmmsp_rows[NUM_DTYPES];
-  QSpvmmColsFn qspvmm_cols[NUM_DTYPES];
-  // qspvmm_cols into float32 y (a split-K share; scales/biases of DType).
+  // Quantized GEMVs by [y dtype][scales and biases dtype]; scales are
+  // either of y's dtype or, with float32 y, half (nullptr elsewhere).
+  QSpvmmColsFn qspvmm_cols[NUM_DTYPES][NUM_DTYPES];
+  // qspvmm_cols into float32 y (a split-K share), by scales dtype.
   QSpvmmColsFn qspvmm_partial[NUM_DTYPES];
-  QVmmspRowsFn qvmmsp_rows[NUM_DTYPES];
+  QVmmspRowsFn qvmmsp_rows[NUM_DTYPES][NUM_DTYPES];
   QVmmspOrderXFn qvmmsp_order_x;
 };
 

@@ -768,7 +768,7 @@ inline void natural_order(float* acc, int64_t w) {
 // scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
 // biases are read only if one of its channels is kept. With kPartial, y
 // is float32 (a split-K share, summed later) whatever DT is.
-template <int DT, int BITS, bool kPartial>
+template <int DT, int SDT, int BITS, bool kPartial>
 void qspvmm_cols_bits(
     const uint32_t* wq,
     int64_t out,
@@ -782,7 +782,8 @@ void qspvmm_cols_bits(
     int64_t o1,
     void* yv) {
   using E = Elem<DT>;
-  using S = typename E::S;
+  using SE = Elem<SDT>;
+  using S = typename SE::S;
   constexpr int kPer = 32 / BITS;
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
@@ -858,14 +859,14 @@ void qspvmm_cols_bits(
       }
 #endif
       for (int64_t j = 0; j < w; ++j) {
-        yacc[j] += E::load(sg[j]) * acc[j] + E::load(bg[j]) * xsum;
+        yacc[j] += SE::load(sg[j]) * acc[j] + SE::load(bg[j]) * xsum;
       }
       k = end;
     }
     if constexpr (kPartial) {
       std::memcpy(static_cast<float*>(yv) + t0, yacc, w * sizeof(float));
     } else {
-      S* y = static_cast<S*>(yv);
+      auto* y = static_cast<typename E::S*>(yv);
       for (int64_t j = 0; j < w; ++j) {
         y[t0 + j] = E::store(yacc[j]);
       }
@@ -873,7 +874,7 @@ void qspvmm_cols_bits(
   }
 }
 
-template <int DT, bool kPartial>
+template <int DT, int SDT, bool kPartial>
 void qspvmm_cols(
     const uint32_t* wq,
     int64_t out,
@@ -888,10 +889,10 @@ void qspvmm_cols(
     int64_t o1,
     void* y) {
   if (bits == 4) {
-    qspvmm_cols_bits<DT, 4, kPartial>(
+    qspvmm_cols_bits<DT, SDT, 4, kPartial>(
         wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
   } else {
-    qspvmm_cols_bits<DT, 8, kPartial>(
+    qspvmm_cols_bits<DT, SDT, 8, kPartial>(
         wq, out, group_size, scales, biases, idx, vals, nact, o0, o1, y);
   }
 }
@@ -998,7 +999,7 @@ inline void qvmmsp_order_x(int bits, float* xf, int64_t in) {
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
 // for the kept rows k in [k0, k1) of the stock layout, four rows at a time
 // sharing every load of xf (a short last pass repeats its last row).
-template <int DT, int BITS>
+template <int DT, int SDT, int BITS>
 void qvmmsp_rows_bits(
     const uint32_t* wq,
     int64_t in,
@@ -1013,13 +1014,14 @@ void qvmmsp_rows_bits(
     int64_t k1,
     void* yv) {
   using E = Elem<DT>;
-  using S = typename E::S;
+  using SE = Elem<SDT>;
+  using S = typename SE::S;
   constexpr int kRows = 4;
   constexpr int kPer = 32 / BITS;
   constexpr int kWordsPerVec = 8 / kPer;
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
-  S* y = static_cast<S*>(yv);
+  auto* y = static_cast<typename E::S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
   for (int64_t k = k0; k < k1; k += kRows) {
@@ -1067,8 +1069,8 @@ void qvmmsp_rows_bits(
         }
       }
       for (int r = 0; r < kRows; ++r) {
-        tot[r] += E::load(scales[o[r] * groups + g]) * dot[r];
-        bias[r] += E::load(biases[o[r] * groups + g]) * xgsum[g];
+        tot[r] += SE::load(scales[o[r] * groups + g]) * dot[r];
+        bias[r] += SE::load(biases[o[r] * groups + g]) * xgsum[g];
       }
     }
     for (int r = 0; r < kRows && k + r < k1; ++r) {
@@ -1077,7 +1079,7 @@ void qvmmsp_rows_bits(
   }
 }
 
-template <int DT>
+template <int DT, int SDT>
 void qvmmsp_rows(
     const uint32_t* wq,
     int64_t in,
@@ -1093,10 +1095,10 @@ void qvmmsp_rows(
     int64_t k1,
     void* y) {
   if (bits == 4) {
-    qvmmsp_rows_bits<DT, 4>(
+    qvmmsp_rows_bits<DT, SDT, 4>(
         wq, in, group_size, scales, biases, xf, xgsum, idx, gates, k0, k1, y);
   } else {
-    qvmmsp_rows_bits<DT, 8>(
+    qvmmsp_rows_bits<DT, SDT, 8>(
         wq, in, group_size, scales, biases, xf, xgsum, idx, gates, k0, k1, y);
   }
 }
@@ -1117,13 +1119,21 @@ const Table& CHESS_MLX_KERNEL_TABLE() {
       {&K::collect_out<F32>, &K::collect_out<F16>, &K::collect_out<BF16>},
       {&K::to_f32<F32>, &K::to_f32<F16>, &K::to_f32<BF16>},
       {&K::vmmsp_rows<F32>, &K::vmmsp_rows<F16>, &K::vmmsp_rows<BF16>},
-      {&K::qspvmm_cols<F32, false>,
-       &K::qspvmm_cols<F16, false>,
-       &K::qspvmm_cols<BF16, false>},
-      {&K::qspvmm_cols<F32, true>,
-       &K::qspvmm_cols<F16, true>,
-       &K::qspvmm_cols<BF16, true>},
-      {&K::qvmmsp_rows<F32>, &K::qvmmsp_rows<F16>, &K::qvmmsp_rows<BF16>},
+      // [y dtype][scales dtype]: half scales with float32 activations, as
+      // a half-precision checkpoint run in float32 on the CPU has them.
+      {{&K::qspvmm_cols<F32, F32, false>,
+        &K::qspvmm_cols<F32, F16, false>,
+        &K::qspvmm_cols<F32, BF16, false>},
+       {nullptr, &K::qspvmm_cols<F16, F16, false>, nullptr},
+       {nullptr, nullptr, &K::qspvmm_cols<BF16, BF16, false>}},
+      {&K::qspvmm_cols<F32, F32, true>,
+       &K::qspvmm_cols<F32, F16, true>,
+       &K::qspvmm_cols<F32, BF16, true>},
+      {{&K::qvmmsp_rows<F32, F32>,
+        &K::qvmmsp_rows<F32, F16>,
+        &K::qvmmsp_rows<F32, BF16>},
+       {nullptr, &K::qvmmsp_rows<F16, F16>, nullptr},
+       {nullptr, nullptr, &K::qvmmsp_rows<BF16, BF16>}},
       &K::qvmmsp_order_x,
   };
   return table;

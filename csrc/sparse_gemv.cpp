@@ -247,6 +247,24 @@ void check_float_operand(
   }
 }
 
+// Scales and biases share one dtype: x's, or half (float16/bfloat16) with
+// float32 x, as a half-precision checkpoint run in float32 keeps them.
+void check_scales(
+    const char* op,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& x) {
+  if (biases.dtype() != scales.dtype()) {
+    fail(op, "scales and biases must have the same dtype");
+  }
+  const bool half = scales.dtype() == mx::float16 || scales.dtype() == mx::bfloat16;
+  if (scales.dtype() != x.dtype() && !(x.dtype() == mx::float32 && half)) {
+    fail(
+        op,
+        "scales must have the dtype of x, or float16/bfloat16 with float32 x");
+  }
+}
+
 // Runs an input-sparse GEMV job on nth threads: one tile of output columns
 // per thread (no reduction) when each gets kMinColsPerTask of them, else
 // split-K, at most max_tasks shares of the kept rows into float32 parts
@@ -364,8 +382,7 @@ mx::array sparse_in_qgemv(
   mx::Stream st = cpu_stream(op, s);
   check_quantization(op, group_size, bits);
   check_float_dtype(op, "x", x);
-  check_float_operand(op, "scales", scales, x);
-  check_float_operand(op, "biases", biases, x);
+  check_scales(op, scales, biases, x);
   const int64_t in = single_row_len(op, "x", x);
   const int per = 32 / bits;
   if (scales.ndim() != 2 || in % group_size != 0 ||
@@ -409,8 +426,7 @@ mx::array sparse_out_gate_qgemv(
   mx::Stream st = cpu_stream(op, s);
   check_quantization(op, group_size, bits);
   check_float_dtype(op, "x", x);
-  check_float_operand(op, "scales", scales, x);
-  check_float_operand(op, "biases", biases, x);
+  check_scales(op, scales, biases, x);
   check_float_operand(op, "gate", gate, x);
   const int64_t in = single_row_len(op, "x", x);
   const int per = 32 / bits;
@@ -583,7 +599,8 @@ void SparseInQGemv::eval_cpu(
                     out = static_cast<int64_t>(inputs[2].shape(1)),
                     group_size = static_cast<int64_t>(group_size_),
                     bits = bits_,
-                    dt = kernel_dtype(y.dtype())]() {
+                    dt = kernel_dtype(y.dtype()),
+                    sdt = kernel_dtype(inputs[2].dtype())]() {
     if (out == 0) {
       return;
     }
@@ -602,7 +619,7 @@ void SparseInQGemv::eval_cpu(
     const int64_t nact = kt.collect_in[dt](
         xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
     QSpvmmJob job{
-        kt.qspvmm_cols[dt], kt.qspvmm_partial[dt], wp, out, bits, group_size,
+        kt.qspvmm_cols[dt][sdt], kt.qspvmm_partial[sdt], wp, out, bits, group_size,
         sp, bp, sc.idx.data(), sc.vals.data(), nact, out, y_ptr, nullptr};
     const int nth = threads_for(nact * out * bits / 8);
     if (nth <= 1 || out < kColAlign * nth || nact < 16) {
@@ -634,7 +651,8 @@ void SparseOutGateQGemv::eval_cpu(
                     out = static_cast<int64_t>(wq.shape(0)),
                     group_size = static_cast<int64_t>(group_size_),
                     bits = bits_,
-                    dt = kernel_dtype(y.dtype())]() {
+                    dt = kernel_dtype(y.dtype()),
+                    sdt = kernel_dtype(inputs[2].dtype())]() {
     if (out == 0) {
       return;
     }
@@ -667,7 +685,7 @@ void SparseOutGateQGemv::eval_cpu(
     }
     kt.qvmmsp_order_x(bits, sc.xf.data(), in);
     QVmmspJob job{
-        kt.qvmmsp_rows[dt], wp, in, bits, group_size, sp, bp, sc.xf.data(),
+        kt.qvmmsp_rows[dt][sdt], wp, in, bits, group_size, sp, bp, sc.xf.data(),
         sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact, y_ptr};
     const int nth = threads_for(nact * in * bits / 8);
     if (nth <= 1 || nact < 8) {

@@ -3,6 +3,7 @@
     python scripts/quantized_masks.py                          # down_proj 8192x2048
     python scripts/quantized_masks.py --shape 2048x2048        # q_proj/o_proj
     python scripts/quantized_masks.py --shape 2048x8192 --out  # up_proj, gate-fused
+    python scripts/quantized_masks.py --scales-dtype bfloat16  # as mlx-community stores them
 
 In a decode step each layer keeps its own channels, so here each of
 --copies random 4-bit weights (more bytes than the last-level cache) gets
@@ -26,12 +27,15 @@ from chess_mlx.sparsify import out_gemv
 KEPT = (1.0, 0.5, 0.0)
 
 
-def quantized_layers(n_in: int, n_out: int, copies: int, bits: int, group_size: int) -> list:
+def quantized_layers(
+    n_in: int, n_out: int, copies: int, bits: int, group_size: int, scales_dtype: mx.Dtype
+) -> list:
     layers = []
     for _ in range(copies):
         layer = nn.QuantizedLinear(n_in, n_out, False, group_size, bits)
         weight = mx.random.normal((n_out, n_in)) * n_in**-0.5
-        layer.weight, layer.scales, layer.biases = mx.quantize(weight, group_size, bits)
+        layer.weight, scales, biases = mx.quantize(weight, group_size, bits)
+        layer.scales, layer.biases = scales.astype(scales_dtype), biases.astype(scales_dtype)
         layers.append(layer)
     mx.eval([layer.parameters() for layer in layers])
     return layers
@@ -54,9 +58,12 @@ def main():
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--scales-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="Dtype of scales and biases (activations stay float32)")
     args = parser.parse_args()
     n_in, n_out = args.shape
-    layers = quantized_layers(n_in, n_out, args.copies, args.bits, args.group_size)
+    scales_dtype = getattr(mx, args.scales_dtype)
+    layers = quantized_layers(n_in, n_out, args.copies, args.bits, args.group_size, scales_dtype)
     if args.out:
         x = kept_vector(n_in, 1.0)[None]
         masks = {k: [kept_vector(n_out, k, seed=i) for i in range(args.copies)] for k in KEPT}

@@ -90,19 +90,25 @@ def test_tiny_benchmark_writes_json(tiny_result, tmp_path):
             assert all(p["time_us"]["median"] > 0 for p in row["points"])
 
 
-def test_quantized_tiny_benchmark_runs_the_quantized_kernels():
+@pytest.mark.parametrize("scales_dtype", ["bfloat16", "float32"])
+def test_quantized_tiny_benchmark_runs_the_quantized_kernels(scales_dtype):
     model = bench.random_model(TINY)
     thresholds = calibrate(model, random_windows(), [0.5], progress=False)
-    assert bench.quantize(model, bench.Quantization(4, 32)) == "4-bit, group 32"
+    label = bench.quantize(model, bench.Quantization(4, 32, scales_dtype))
+    assert label == f"4-bit, group 32, {scales_dtype} scales"
+    gate_proj = model.layers[0].mlp.gate_proj
+    assert gate_proj.scales.dtype == getattr(mx, scales_dtype)
+    assert model.model.embed_tokens.scales.dtype == mx.float32  # lookups stay float32
     prompt = mx.array(random_windows(1, 8, seed=3)[0])
     result = bench.run_benchmark(model, thresholds, prompt, ["chess+", "teal"], [0.5], bench.SHORT, progress=False)
     check_result(result, ["chess+", "teal"], [0.5])
-    assert result["model"]["quantization"] == {"bits": 4, "group_size": 32}
+    assert result["model"]["quantization"] == {"bits": 4, "group_size": 32, "scales_dtype": scales_dtype}
+    assert result["model"]["dtype"] == "float32"  # activations
     if cpu_kernels.available():
         assert result["decode"][1]["decode_path"] == "CPU extension kernels"
+        scale_bytes = 2 * getattr(mx, scales_dtype).size / 32  # a scale and a bias per 32 weights
         for row in result["kernels"]:
-            # 4-bit codes plus a float32 scale and bias per 32 weights
-            assert row["weight_bytes"] == row["in"] * row["out"] * (0.5 + 8 / 32)
+            assert row["weight_bytes"] == row["in"] * row["out"] * (0.5 + scale_bytes)
             assert all(p["time_us"]["median"] > 0 for p in row["points"])
 
 

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from chess_mlx import cpu_kernels as ck
 from chess_mlx.calibrate import calibrate
-from chess_mlx.quantized import QuantizedInputMajorLinear, relayout_ready, unpack_codes
+from chess_mlx.quantized import QuantizedInputMajorLinear, half_scales, relayout_ready, unpack_codes
 from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, sparsify, unsparsify
 
 if not ck.module_present():
@@ -22,6 +22,9 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Bound relative to sum_i |x_i w_io| (float32 accumulation, output rounding).
 TOL = {mx.float32: 2e-6, mx.float16: 1.5e-3, mx.bfloat16: 1e-2}
 QUANTIZATIONS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
+# (x, scales and biases): one dtype, or float32 activations with the half
+# scales of a half-precision checkpoint.
+DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(mx.float32, mx.float16), (mx.float32, mx.bfloat16)]
 # (in, out): in a multiple of 128, out of 8. An odd number of words per
 # thread takes the plain 4-bit input-sparse loop, 1040 outputs the AVX2
 # even/odd one; the big shape runs on two threads.
@@ -38,7 +41,9 @@ def quantized_linear(n_in, n_out, bits, group_size, dtype=mx.float32, seed=0):
 
 
 def dequantized(q) -> np.ndarray:
-    return np.array(mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits).astype(mx.float32))
+    """Float32 weights (exact: mx.dequantize computes in the scales' dtype)."""
+    scales, biases = q.scales.astype(mx.float32), q.biases.astype(mx.float32)
+    return np.array(mx.dequantize(q.weight, scales, biases, q.group_size, q.bits))
 
 
 @pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
@@ -81,14 +86,19 @@ def masked(v: mx.array, threshold) -> np.ndarray:
     return np.where(np.abs(v) >= t, v, 0.0)
 
 
+def dtype_pair_id(pair) -> str:
+    x, scales = (str(d).split(".")[-1] for d in pair)
+    return x if x == scales else f"{x}-{scales}-scales"
+
+
 @pytest.mark.parametrize("mask", ["empty", "full", "scalar", "vector"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, scales_dtype", DTYPE_PAIRS, ids=map(dtype_pair_id, DTYPE_PAIRS))
 @pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_input_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, mask):
+def test_input_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, scales_dtype, mask):
     n_in, n_out = shape
     rng = np.random.default_rng(n_in + bits + group_size)
-    q = quantized_linear(n_in, n_out, bits, group_size, dtype)
+    q = quantized_linear(n_in, n_out, bits, group_size, scales_dtype)
     relaid = QuantizedInputMajorLinear(q)
     x, threshold = kept_input(rng, n_in, mask, dtype)
     y = ck.sparse_in_qgemv(x, relaid.wq, relaid.scales, relaid.biases, threshold, group_size, bits)
@@ -103,13 +113,13 @@ def test_input_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, ma
 
 
 @pytest.mark.parametrize("mask", ["empty", "full", "scalar", "vector"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, scales_dtype", DTYPE_PAIRS, ids=map(dtype_pair_id, DTYPE_PAIRS))
 @pytest.mark.parametrize("bits, group_size", QUANTIZATIONS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gated_output_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, mask):
+def test_gated_output_sparse_qgemv_matches_reference(shape, bits, group_size, dtype, scales_dtype, mask):
     n_in, n_out = shape
     rng = np.random.default_rng(n_out + bits + group_size)
-    q = quantized_linear(n_in, n_out, bits, group_size, dtype)
+    q = quantized_linear(n_in, n_out, bits, group_size, scales_dtype)
     x = mx.array(rng.standard_normal(n_in).astype(np.float32)).astype(dtype)
     gate, threshold = kept_input(rng, n_out, mask, dtype)
     y = ck.sparse_out_gate_qgemv(x, q.weight, q.scales, q.biases, gate, threshold, group_size, bits)
@@ -125,6 +135,10 @@ def test_gated_output_sparse_qgemv_matches_reference(shape, bits, group_size, dt
     (lambda x, q: ck.sparse_in_qgemv(x, q.weight, q.scales, q.biases, 0.5, 32, 3), "bits must be 4 or 8"),
     (lambda x, q: ck.sparse_in_qgemv(x, q.weight, q.scales, q.biases, 0.5, 32, 4), "scales and biases must have shape"),
     (lambda x, q: ck.sparse_out_gate_qgemv(x, q.weight, q.scales, q.biases, x, 0.5, 32, 4), "gate must have 32"),
+    (lambda x, q: ck.sparse_out_gate_qgemv(x, q.weight, q.scales, q.biases.astype(mx.bfloat16), x[:32], 0.5, 32, 4),
+     "scales and biases must have the same dtype"),
+    (lambda x, q: ck.sparse_out_gate_qgemv(x.astype(mx.float16), q.weight, q.scales, q.biases, x[:32], 0.5, 32, 4),
+     "scales must have the dtype of x, or float16/bfloat16 with float32 x"),
 ])
 def test_quantized_kernels_reject_bad_arguments(call, message):
     q = quantized_linear(64, 32, 4, 32)
@@ -170,6 +184,33 @@ def test_quantized_decode_with_kernels_equals_reference(quantized_llama, method)
     assert type(layer.mlp.down_proj) is nn.QuantizedLinear
     assert tokens == reference_tokens
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_half_scales_are_exact_and_kept_only_where_exact():
+    mx.random.seed(3)
+    model = tiny_llama(quantized=True)
+    thresholds = calibrate(model, random_windows(), [0.5], progress=False)
+    # a half-precision checkpoint's MLP scales, run in float32 (as loading on the CPU gives)
+    for layer in model.layers:
+        for linear in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            linear.scales, linear.biases = (a.astype(mx.float16).astype(mx.float32) for a in (linear.scales, linear.biases))
+    gate, q_proj = model.layers[0].mlp.gate_proj, model.layers[0].self_attn.q_proj
+    stock_gate = (gate.weight, gate.scales, gate.biases)
+    prompt = random_windows(1, 9, seed=5)[0]
+    sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
+    reference_tokens, reference = greedy_tokens(model, prompt, 6)
+    unsparsify(model)
+    assert half_scales(model) == sum(a.nbytes for a in stock_gate[1:]) // 2 * 3 * len(model.layers)
+    assert gate.scales.dtype == gate.biases.dtype == mx.float16
+    assert q_proj.scales.dtype == mx.float32  # not exact in half: unchanged
+    assert model.model.embed_tokens.scales.dtype == mx.float32
+    x = mx.random.normal((3, gate.weight.shape[1] * 32 // gate.bits))
+    assert mx.array_equal(gate(x), mx.quantized_matmul(x, *stock_gate, True, gate.group_size, gate.bits))
+    sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
+    tokens, result = greedy_tokens(model, prompt, 6)
+    unsparsify(model)
+    assert tokens == reference_tokens
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
