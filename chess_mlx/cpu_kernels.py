@@ -16,8 +16,9 @@ CPU backend runs a graph of small ones (see :mod:`chess_mlx.decode_ops`):
 
 Thresholds are a float (scalar) or a float32 array of 1 or per-channel
 elements; entries with ``|v| >= t`` are kept. Inputs are float32, float16
-or bfloat16 (one dtype), accumulation is float32, the result has the input
-dtype. The ops run on a CPU stream (default: the default CPU stream) and
+or bfloat16 (one dtype; the quantized ops also take float16 or bfloat16
+scales and biases with float32 ``x``), accumulation is float32, the result
+has the dtype of ``x``. The ops run on a CPU stream (default: the default CPU stream) and
 are lazy like any MLX op.
 
 Use :func:`available` before calling; :func:`unavailable_reason` says in one
@@ -171,8 +172,9 @@ def sparse_in_qgemv(
 ) -> mx.array:
     """:func:`sparse_in_gemv` on affine-quantized weights in the input-major
     re-layout of :mod:`chess_mlx.quantized` (``wq`` uint32 ``[in, out*bits/32]``,
-    ``scales``/``biases`` ``[in/group_size, out]``). A group's scales and
-    biases are read only when one of its channels is kept."""
+    ``scales``/``biases`` ``[in/group_size, out]``, dtype of ``x`` or half
+    with float32 ``x``). A group's scales and biases are read only when one
+    of its channels is kept."""
     return _require().sparse_in_qgemv(
         x, wq, scales, biases, _threshold(threshold), group_size, bits, stream=stream
     )
@@ -191,7 +193,8 @@ def sparse_out_gate_qgemv(
     stream: Stream = None,
 ) -> mx.array:
     """:func:`sparse_out_gate_gemv` on an ``nn.QuantizedLinear``'s own arrays
-    (``wq`` uint32 ``[out, in*bits/32]``, ``scales``/``biases`` ``[out, in/group_size]``)."""
+    (``wq`` uint32 ``[out, in*bits/32]``, ``scales``/``biases`` ``[out, in/group_size]``,
+    dtype of ``x`` or half with float32 ``x``)."""
     return _require().sparse_out_gate_qgemv(
         x, wq, scales, biases, gate, _threshold(threshold), group_size, bits, stream=stream
     )
