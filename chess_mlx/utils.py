@@ -45,7 +45,7 @@ def load(model: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[nn.M
     if dtype is None and mx.default_device() == mx.cpu:
         # MLX's CPU kernels are ~40x slower in float16 than in float32
         # (quantized matmul included), so on CPU the float parts (norms,
-        # activations) run in float32; quantized scales stay half.
+        # activations) run in float32; bfloat16 quantization scales stay so.
         loaded.set_dtype(mx.float32)
         half_scales(loaded)
     return loaded, tokenizer, name

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -236,6 +237,12 @@ template <int DT>
 void to_f32(const void* xv, int64_t n, float* CHESS_MLX_RESTRICT out) {
   using E = Elem<DT>;
   const auto* x = static_cast<const typename E::S*>(xv);
+#if CHESS_MLX_HW_HALF
+  if constexpr (DT == F16) {
+    half_block_to_f32(x, out, n);
+    return;
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) {
     out[i] = E::load(x[i]);
   }
@@ -766,8 +773,9 @@ inline void natural_order(float* acc, int64_t w) {
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
 // bias[g(i), o]) for o in [o0, o1), computed per group g as
 // scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
-// biases are read only if one of its channels is kept. With kPartial, y
-// is float32 (a split-K share, summed later) whatever DT is.
+// biases are read only if one of its channels is kept. Scales and biases
+// are of SDT, y of DT; with kPartial y is float32 (a split-K share, summed
+// later) whatever DT is.
 template <int DT, int SDT, int BITS, bool kPartial>
 void qspvmm_cols_bits(
     const uint32_t* wq,
@@ -790,6 +798,10 @@ void qspvmm_cols_bits(
   const int64_t words_per_row = out / kPer;
   alignas(64) float yacc[kColTile];
   alignas(64) float acc[kColTile];
+  // half scales and biases of a group, converted once for its outputs
+  constexpr int64_t kConverted = SDT == F32 ? 1 : kColTile;
+  alignas(64) float sconv[kConverted];
+  alignas(64) float bconv[kConverted];
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
     const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
     const int64_t words = w / kPer;
@@ -858,8 +870,19 @@ void qspvmm_cols_bits(
         natural_order(acc, w);
       }
 #endif
+      const float* sf;
+      const float* bf;
+      if constexpr (SDT == F32) {
+        sf = sg;
+        bf = bg;
+      } else {
+        to_f32<SDT>(sg, w, sconv);
+        to_f32<SDT>(bg, w, bconv);
+        sf = sconv;
+        bf = bconv;
+      }
       for (int64_t j = 0; j < w; ++j) {
-        yacc[j] += SE::load(sg[j]) * acc[j] + SE::load(bg[j]) * xsum;
+        yacc[j] += sf[j] * acc[j] + bf[j] * xsum;
       }
       k = end;
     }
@@ -999,6 +1022,7 @@ inline void qvmmsp_order_x(int bits, float* xf, int64_t in) {
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
 // for the kept rows k in [k0, k1) of the stock layout, four rows at a time
 // sharing every load of xf (a short last pass repeats its last row).
+// Scales and biases are of SDT, y of DT.
 template <int DT, int SDT, int BITS>
 void qvmmsp_rows_bits(
     const uint32_t* wq,
@@ -1024,12 +1048,27 @@ void qvmmsp_rows_bits(
   auto* y = static_cast<typename E::S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
+  // Half scales and biases of a pass's rows, converted a row at a time (the
+  // portable float16 conversion takes about ten instructions a value).
+  std::vector<float> converted(SDT == F32 ? 0 : 2 * kRows * groups);
   for (int64_t k = k0; k < k1; k += kRows) {
     int64_t o[kRows];
     const uint32_t* row[kRows];
+    const float* srow[kRows];
+    const float* brow[kRows];
     for (int r = 0; r < kRows; ++r) {
       o[r] = idx[k + r < k1 ? k + r : k1 - 1];
       row[r] = wq + o[r] * row_words;
+      if constexpr (SDT == F32) {
+        srow[r] = scales + o[r] * groups;
+        brow[r] = biases + o[r] * groups;
+      } else {
+        float* sf = converted.data() + 2 * r * groups;
+        to_f32<SDT>(scales + o[r] * groups, groups, sf);
+        to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
+        srow[r] = sf;
+        brow[r] = sf + groups;
+      }
     }
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
     // the hardware prefetcher to find each scattered kept row in time, and
@@ -1069,8 +1108,8 @@ void qvmmsp_rows_bits(
         }
       }
       for (int r = 0; r < kRows; ++r) {
-        tot[r] += SE::load(scales[o[r] * groups + g]) * dot[r];
-        bias[r] += SE::load(biases[o[r] * groups + g]) * xgsum[g];
+        tot[r] += srow[r][g] * dot[r];
+        bias[r] += brow[r][g] * xgsum[g];
       }
     }
     for (int r = 0; r < kRows && k + r < k1; ++r) {

@@ -257,7 +257,8 @@ void check_scales(
   if (biases.dtype() != scales.dtype()) {
     fail(op, "scales and biases must have the same dtype");
   }
-  const bool half = scales.dtype() == mx::float16 || scales.dtype() == mx::bfloat16;
+  const bool half =
+      scales.dtype() == mx::float16 || scales.dtype() == mx::bfloat16;
   if (scales.dtype() != x.dtype() && !(x.dtype() == mx::float32 && half)) {
     fail(
         op,
@@ -619,8 +620,20 @@ void SparseInQGemv::eval_cpu(
     const int64_t nact = kt.collect_in[dt](
         xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
     QSpvmmJob job{
-        kt.qspvmm_cols[dt][sdt], kt.qspvmm_partial[sdt], wp, out, bits, group_size,
-        sp, bp, sc.idx.data(), sc.vals.data(), nact, out, y_ptr, nullptr};
+        kt.qspvmm_cols[dt][sdt],
+        kt.qspvmm_partial[sdt],
+        wp,
+        out,
+        bits,
+        group_size,
+        sp,
+        bp,
+        sc.idx.data(),
+        sc.vals.data(),
+        nact,
+        out,
+        y_ptr,
+        nullptr};
     const int nth = threads_for(nact * out * bits / 8);
     if (nth <= 1 || out < kColAlign * nth || nact < 16) {
       qspvmm_task(&job, 0, 1);
@@ -685,8 +698,19 @@ void SparseOutGateQGemv::eval_cpu(
     }
     kt.qvmmsp_order_x(bits, sc.xf.data(), in);
     QVmmspJob job{
-        kt.qvmmsp_rows[dt][sdt], wp, in, bits, group_size, sp, bp, sc.xf.data(),
-        sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact, y_ptr};
+        kt.qvmmsp_rows[dt][sdt],
+        wp,
+        in,
+        bits,
+        group_size,
+        sp,
+        bp,
+        sc.xf.data(),
+        sc.xgsum.data(),
+        sc.idx.data(),
+        sc.vals.data(),
+        nact,
+        y_ptr};
     const int nth = threads_for(nact * in * bits / 8);
     if (nth <= 1 || nact < 8) {
       qvmmsp_task(&job, 0, 1);

@@ -190,10 +190,13 @@ def test_half_scales_are_exact_and_kept_only_where_exact():
     mx.random.seed(3)
     model = tiny_llama(quantized=True)
     thresholds = calibrate(model, random_windows(), [0.5], progress=False)
-    # a half-precision checkpoint's MLP scales, run in float32 (as loading on the CPU gives)
+    # a bfloat16 checkpoint's MLP scales run in float32 (as loading on the CPU
+    # gives), float16 ones on q_proj
     for layer in model.layers:
         for linear in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            linear.scales, linear.biases = (a.astype(mx.float16).astype(mx.float32) for a in (linear.scales, linear.biases))
+            linear.scales, linear.biases = (a.astype(mx.bfloat16).astype(mx.float32) for a in (linear.scales, linear.biases))
+        q_proj = layer.self_attn.q_proj
+        q_proj.scales, q_proj.biases = (a.astype(mx.float16).astype(mx.float32) for a in (q_proj.scales, q_proj.biases))
     gate, q_proj = model.layers[0].mlp.gate_proj, model.layers[0].self_attn.q_proj
     stock_gate = (gate.weight, gate.scales, gate.biases)
     prompt = random_windows(1, 9, seed=5)[0]
@@ -201,8 +204,8 @@ def test_half_scales_are_exact_and_kept_only_where_exact():
     reference_tokens, reference = greedy_tokens(model, prompt, 6)
     unsparsify(model)
     assert half_scales(model) == sum(a.nbytes for a in stock_gate[1:]) // 2 * 3 * len(model.layers)
-    assert gate.scales.dtype == gate.biases.dtype == mx.float16
-    assert q_proj.scales.dtype == mx.float32  # not exact in half: unchanged
+    assert gate.scales.dtype == gate.biases.dtype == mx.bfloat16
+    assert q_proj.scales.dtype == mx.float32  # not exact in bfloat16: unchanged
     assert model.model.embed_tokens.scales.dtype == mx.float32
     x = mx.random.normal((3, gate.weight.shape[1] * 32 // gate.bits))
     assert mx.array_equal(gate(x), mx.quantized_matmul(x, *stock_gate, True, gate.group_size, gate.bits))
