@@ -798,8 +798,9 @@ void qspvmm_cols_bits(
   const int64_t words_per_row = out / kPer;
   alignas(64) float yacc[kColTile];
   alignas(64) float acc[kColTile];
-  // half scales and biases of a group, converted once for its outputs
-  constexpr int64_t kConverted = SDT == F32 ? 1 : kColTile;
+  // float16 scales and biases of a group, converted once for its outputs
+  // (a bfloat16 one converts with a shift, in the loop below)
+  constexpr int64_t kConverted = SDT == F16 ? kColTile : 1;
   alignas(64) float sconv[kConverted];
   alignas(64) float bconv[kConverted];
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
@@ -870,19 +871,16 @@ void qspvmm_cols_bits(
         natural_order(acc, w);
       }
 #endif
-      const float* sf;
-      const float* bf;
-      if constexpr (SDT == F32) {
-        sf = sg;
-        bf = bg;
-      } else {
+      if constexpr (SDT == F16) {
         to_f32<SDT>(sg, w, sconv);
         to_f32<SDT>(bg, w, bconv);
-        sf = sconv;
-        bf = bconv;
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        yacc[j] += sf[j] * acc[j] + bf[j] * xsum;
+        for (int64_t j = 0; j < w; ++j) {
+          yacc[j] += sconv[j] * acc[j] + bconv[j] * xsum;
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j) {
+          yacc[j] += SE::load(sg[j]) * acc[j] + SE::load(bg[j]) * xsum;
+        }
       }
       k = end;
     }
@@ -1048,26 +1046,22 @@ void qvmmsp_rows_bits(
   auto* y = static_cast<typename E::S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
-  // Half scales and biases of a pass's rows, converted a row at a time (the
-  // portable float16 conversion takes about ten instructions a value).
-  std::vector<float> converted(SDT == F32 ? 0 : 2 * kRows * groups);
+  // float16 scales and biases of a pass's rows, converted a row at a time
+  // (the portable conversion takes about ten instructions a value; a
+  // bfloat16 one is a shift, done as each is read).
+  std::vector<float> converted(SDT == F16 ? 2 * kRows * groups : 0);
   for (int64_t k = k0; k < k1; k += kRows) {
     int64_t o[kRows];
     const uint32_t* row[kRows];
-    const float* srow[kRows];
-    const float* brow[kRows];
+    const float* sconv[kRows];
     for (int r = 0; r < kRows; ++r) {
       o[r] = idx[k + r < k1 ? k + r : k1 - 1];
       row[r] = wq + o[r] * row_words;
-      if constexpr (SDT == F32) {
-        srow[r] = scales + o[r] * groups;
-        brow[r] = biases + o[r] * groups;
-      } else {
+      if constexpr (SDT == F16) {
         float* sf = converted.data() + 2 * r * groups;
         to_f32<SDT>(scales + o[r] * groups, groups, sf);
         to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
-        srow[r] = sf;
-        brow[r] = sf + groups;
+        sconv[r] = sf;
       }
     }
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
@@ -1108,8 +1102,13 @@ void qvmmsp_rows_bits(
         }
       }
       for (int r = 0; r < kRows; ++r) {
-        tot[r] += srow[r][g] * dot[r];
-        bias[r] += brow[r][g] * xgsum[g];
+        if constexpr (SDT == F16) {
+          tot[r] += sconv[r][g] * dot[r];
+          bias[r] += sconv[r][groups + g] * xgsum[g];
+        } else {
+          tot[r] += SE::load(scales[o[r] * groups + g]) * dot[r];
+          bias[r] += SE::load(biases[o[r] * groups + g]) * xgsum[g];
+        }
       }
     }
     for (int r = 0; r < kRows && k + r < k1; ++r) {
