@@ -201,7 +201,7 @@ def quantize(model: nn.Module, quantization: Quantization) -> str:
     """Quantize a float model in place (every linear and the embedding) as
     ``mlx_lm.convert`` quantizes a checkpoint of ``scales_dtype``, then run
     it in its own dtype as :func:`chess_mlx.utils.load` runs such a
-    checkpoint (scales stay half where exact); its description.
+    checkpoint (bfloat16 scales stay bfloat16); its description.
     The random model is calibrated before, in float: MLX's CPU
     quantized matmul would make that prefill slow, and speed does not care."""
     dtype = activation_dtype(model)

@@ -18,8 +18,8 @@ Thresholds are a float (scalar) or a float32 array of 1 or per-channel
 elements; entries with ``|v| >= t`` are kept. Inputs are float32, float16
 or bfloat16 (one dtype; the quantized ops also take float16 or bfloat16
 scales and biases with float32 ``x``), accumulation is float32, the result
-has the dtype of ``x``. The ops run on a CPU stream (default: the default CPU stream) and
-are lazy like any MLX op.
+has the dtype of ``x``. The ops run on a CPU stream (default: the default
+CPU stream) and are lazy like any MLX op.
 
 Use :func:`available` before calling; :func:`unavailable_reason` says in one
 line why the kernels cannot be used (module not built, or built against a

@@ -102,15 +102,14 @@ class QuantizedInputMajorLinear(nn.Module):
         return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.parameters()))
 
 
-
 def bfloat16_exact(a: mx.array) -> bool:
     return mx.array_equal(a.astype(mx.bfloat16).astype(a.dtype), a).item()
 
 
 def half_scales(model: nn.Module) -> int:
     """Store the scales and biases of ``model``'s quantized linears in
-    bfloat16 where that holds them exactly (a bfloat16 checkpoint's do),
-    whatever the activations' dtype; the bytes saved.
+    bfloat16 where that holds them exactly (a bfloat16 checkpoint's do);
+    the bytes saved.
 
     MLX's quantized matmul and the kernels read them with float32
     activations and give the same results, so a bfloat16 checkpoint run in
