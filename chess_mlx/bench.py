@@ -218,6 +218,16 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
+def quantized_linear(weight: mx.array, quantization: Quantization) -> nn.QuantizedLinear:
+    """``weight`` (``[out, in]``, no bias) quantized, its scales and biases in
+    ``quantization.scales_dtype``."""
+    n_out, n_in = weight.shape
+    layer = nn.QuantizedLinear(n_in, n_out, False, quantization.group_size, quantization.bits)
+    layer.weight, scales, biases = mx.quantize(weight, quantization.group_size, quantization.bits)
+    layer.scales, layer.biases = (a.astype(DTYPES[quantization.scales_dtype]) for a in (scales, biases))
+    return layer
+
+
 def is_quantized(model: nn.Module) -> bool:
     return isinstance(model_layers(model)[0].mlp.gate_proj, nn.QuantizedLinear)
 
@@ -600,9 +610,7 @@ def weight_copies(
     if quantization is not None:
         layers = []
         for w in linear:
-            layer = nn.QuantizedLinear(shape.n_in, shape.n_out, False, quantization.group_size, quantization.bits)
-            layer.weight, scales, biases = mx.quantize(w, quantization.group_size, quantization.bits)
-            layer.scales, layer.biases = (a.astype(DTYPES[quantization.scales_dtype]) for a in (scales, biases))
+            layer = quantized_linear(w, quantization)
             mx.eval(layer.parameters())
             layers.append(layer)
         size = int(bytes_per_weight(layers[0], params) * params)

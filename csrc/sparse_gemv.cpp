@@ -620,19 +620,8 @@ void SparseInQGemv::eval_cpu(
     const int64_t nact = kt.collect_in[dt](
         xp, in, tp, tstride, sc.idx.data(), sc.vals.data());
     QSpvmmJob job{
-        kt.qspvmm_cols[dt][sdt],
-        kt.qspvmm_partial[sdt],
-        wp,
-        out,
-        bits,
-        group_size,
-        sp,
-        bp,
-        sc.idx.data(),
-        sc.vals.data(),
-        nact,
-        out,
-        y_ptr,
+        kt.qspvmm_cols[dt][sdt], kt.qspvmm_partial[sdt], wp, out, bits,
+        group_size, sp, bp, sc.idx.data(), sc.vals.data(), nact, out, y_ptr,
         nullptr};
     const int nth = threads_for(nact * out * bits / 8);
     if (nth <= 1 || out < kColAlign * nth || nact < 16) {
@@ -698,18 +687,8 @@ void SparseOutGateQGemv::eval_cpu(
     }
     kt.qvmmsp_order_x(bits, sc.xf.data(), in);
     QVmmspJob job{
-        kt.qvmmsp_rows[dt][sdt],
-        wp,
-        in,
-        bits,
-        group_size,
-        sp,
-        bp,
-        sc.xf.data(),
-        sc.xgsum.data(),
-        sc.idx.data(),
-        sc.vals.data(),
-        nact,
+        kt.qvmmsp_rows[dt][sdt], wp, in, bits, group_size, sp, bp,
+        sc.xf.data(), sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact,
         y_ptr};
     const int nth = threads_for(nact * in * bits / 8);
     if (nth <= 1 || nact < 8) {

@@ -16,27 +16,18 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from chess_mlx import cpu_kernels
-from chess_mlx.bench import kept_vector
+from chess_mlx.bench import Quantization, kept_vector, quantized_linear
 from chess_mlx.quantized import QuantizedInputMajorLinear
 from chess_mlx.sparsify import out_gemv
 
 KEPT = (1.0, 0.5, 0.0)
 
 
-def quantized_layers(
-    n_in: int, n_out: int, copies: int, bits: int, group_size: int, scales_dtype: mx.Dtype
-) -> list:
-    layers = []
-    for _ in range(copies):
-        layer = nn.QuantizedLinear(n_in, n_out, False, group_size, bits)
-        weight = mx.random.normal((n_out, n_in)) * n_in**-0.5
-        layer.weight, scales, biases = mx.quantize(weight, group_size, bits)
-        layer.scales, layer.biases = scales.astype(scales_dtype), biases.astype(scales_dtype)
-        layers.append(layer)
+def quantized_layers(n_in: int, n_out: int, copies: int, quantization: Quantization) -> list:
+    layers = [quantized_linear(mx.random.normal((n_out, n_in)) * n_in**-0.5, quantization) for _ in range(copies)]
     mx.eval([layer.parameters() for layer in layers])
     return layers
 
@@ -62,8 +53,8 @@ def main():
                         help="Dtype of scales and biases (activations stay float32)")
     args = parser.parse_args()
     n_in, n_out = args.shape
-    scales_dtype = getattr(mx, args.scales_dtype)
-    layers = quantized_layers(n_in, n_out, args.copies, args.bits, args.group_size, scales_dtype)
+    quantization = Quantization(args.bits, args.group_size, args.scales_dtype)
+    layers = quantized_layers(n_in, n_out, args.copies, quantization)
     if args.out:
         x = kept_vector(n_in, 1.0)[None]
         masks = {k: [kept_vector(n_out, k, seed=i) for i in range(args.copies)] for k in KEPT}
