@@ -205,6 +205,11 @@ def rms_norm(x: mx.array, w: mx.array, eps: float, *, stream: Stream = None) -> 
     return _require().rms_norm(x, w, float(eps), stream=stream)
 
 
+def silu(x: mx.array, *, stream: Stream = None) -> mx.array:
+    """``nn.silu(x)``: ``x * sigmoid(x)``, the sigmoid rounded to the dtype of ``x``."""
+    return _require().silu(x, stream=stream)
+
+
 def rope_one(
     x: mx.array, inv_freqs: mx.array, offset: int, scale: float, traditional: bool, *, stream: Stream = None
 ) -> mx.array:

@@ -1,4 +1,4 @@
-"""The rest of a CPU decode step as single ops: RMS norm, RoPE and attention.
+"""The rest of a CPU decode step as single ops: RMS norm, RoPE, attention, SiLU.
 
 On MLX's CPU backend ``mx.fast.rms_norm``, ``mx.fast.rope`` and
 ``mx.fast.scaled_dot_product_attention`` run as graphs of small ops (their

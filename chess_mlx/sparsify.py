@@ -376,6 +376,7 @@ class SparseMLP(nn.Module):
         self._name = name
         self._tracker: Optional[SparsityTracker] = None
         self._kernels = None
+        self._decode_activation = activation
         if kernels is not None and self._kernel_ready(kernels):
             dense.down_proj = input_major(dense.down_proj)
             # Projections whose input is not thresholded keep their stock layout.
@@ -384,6 +385,8 @@ class SparseMLP(nn.Module):
             if not self._up_from_mask:
                 dense.up_proj = read_input(dense.up_proj)
             self._kernels = kernels
+            if activation is nn.silu and hasattr(kernels, "silu"):
+                self._decode_activation = kernels.silu  # one op, not MLX's scalar loop
 
     def _kernel_ready(self, kernels: DecodeKernels) -> bool:
         up = self.dense.up_proj
@@ -435,10 +438,10 @@ class SparseMLP(nn.Module):
         gate_proj, up, down = self.dense.gate_proj, self.dense.up_proj, self.dense.down_proj
         shape = (*x.shape[:-1], -1)
         if self.tau_in is None:
-            gate = self._activation(gate_proj(x))
+            gate = self._decode_activation(gate_proj(x))
         else:
             self._track_decode("mlp_in", x, self.tau_in)
-            gate = self._activation(add_bias(gate_proj.sparse_gemv(self._kernels, x, self.tau_in), gate_proj))
+            gate = self._decode_activation(add_bias(gate_proj.sparse_gemv(self._kernels, x, self.tau_in), gate_proj))
         if self._up_from_mask:
             self._track_decode("gate", gate, self.tau)
             hidden = out_gemv(self._kernels, x, up, gate, self.tau)

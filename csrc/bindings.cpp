@@ -146,6 +146,14 @@ NB_MODULE(_cpu_kernels, m) {
       R"(``mx.fast.rms_norm(x, w, eps)`` as one CPU op.)");
 
   m.def(
+      "silu",
+      &chess_mlx::silu,
+      "x"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      R"(``nn.silu(x)`` as one CPU op.)");
+
+  m.def(
       "rope_one",
       &chess_mlx::rope_one,
       "x"_a,

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "mlx/types/half_types.h"
@@ -116,6 +117,68 @@ void rope_rows(
   }
 }
 
+// e^-a for a >= 0, within about 2 ulp: Cephes' range reduction and degree-6
+// polynomial, in plain float and integer ops so that a loop of it
+// vectorizes. a is clamped to 86 (e^-86 is a normal float just above
+// FLT_MIN), a nan too: callers keep nan in their own arithmetic.
+inline float exp_neg(float a) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f; // 1.5 * 2^23: adding it rounds
+  // min(a, 86) on the bits (a >= 0 orders them; a nan becomes 86): g++
+  // does not if-convert a float min under -ftrapping-math
+  constexpr uint32_t kMaxBits = 0x42AC0000u; // 86.0f
+  uint32_t ab;
+  std::memcpy(&ab, &a, sizeof(ab));
+  ab = ab < kMaxBits ? ab : kMaxBits;
+  float x;
+  std::memcpy(&x, &ab, sizeof(x));
+  x = -x;
+  const float t = x * kLog2e + kRound;
+  const float n = t - kRound; // round(x * log2(e)), in [-124, 0]
+  uint32_t tb, kb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  std::memcpy(&kb, &kRound, sizeof(kb));
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = (p * r * r + r) + 1.0f;
+  // times 2^n: n added to the exponent field (tb - kb is n, two's complement)
+  uint32_t eb;
+  std::memcpy(&eb, &e, sizeof(eb));
+  eb += (tb - kb) << 23;
+  float out;
+  std::memcpy(&out, &eb, sizeof(out));
+  return out;
+}
+
+template <typename T>
+void silu_values(const T* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    uint32_t vb;
+    std::memcpy(&vb, &v, sizeof(vb));
+    const float e = exp_neg(std::fabs(v));
+    const float r = 1.0f / (1.0f + e); // sigmoid(|v|)
+    // sigmoid(v) = r for v >= 0, e * r below; picked by the sign bit
+    // (an integer mask: g++ does not if-convert float selects)
+    const uint32_t neg = 0u - (vb >> 31);
+    uint32_t eb, one;
+    const float one_f = 1.0f;
+    std::memcpy(&eb, &e, sizeof(eb));
+    std::memcpy(&one, &one_f, sizeof(one));
+    const uint32_t fb = (eb & neg) | (one & ~neg);
+    float f;
+    std::memcpy(&f, &fb, sizeof(f));
+    y[i] = static_cast<T>(v * rounded<T>(f * r));
+  }
+}
+
 struct AttentionJob {
   const void* q;
   const void* k;
@@ -132,6 +195,28 @@ struct AttentionJob {
   int64_t items; // batch * heads
   void (*run)(const AttentionJob&, int64_t, int64_t);
 };
+
+// sum of a[e] * b[e] over e < n, in kLanes partial sums (a serial sum
+// would not vectorize without -ffast-math).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  constexpr int kLanes = 8;
+  float lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += a[e + l] * static_cast<float>(b[e + l]);
+    }
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += lanes[l];
+  }
+  for (; e < n; ++e) {
+    sum += a[e] * static_cast<float>(b[e]);
+  }
+  return sum;
+}
 
 // Query heads [i0, i1) of the flattened (batch, head) index.
 template <typename T>
@@ -153,11 +238,7 @@ void attention_items(const AttentionJob& j, int64_t i0, int64_t i1) {
     float top = -INFINITY;
     for (int64_t t = 0; t < j.s; ++t) {
       const T* kt = kb + t * j.k_strides[2];
-      float dot = 0.0f;
-      for (int64_t e = 0; e < j.d; ++e) {
-        dot += qs[e] * static_cast<float>(kt[e]);
-      }
-      scores[t] = rounded<T>(dot);
+      scores[t] = rounded<T>(dot(qs.data(), kt, j.d));
       top = std::max(top, scores[t]);
     }
     float total = 0.0f;
@@ -232,6 +313,13 @@ mx::array rms_norm(
   }
   return mx::array(
       x.shape(), x.dtype(), std::make_shared<RmsNormOne>(st, eps), {x, w});
+}
+
+mx::array silu(const mx::array& x, mx::StreamOrDevice s) {
+  constexpr const char* op = "silu";
+  mx::Stream st = cpu_stream(op, s);
+  check_float_dtype(op, "x", x);
+  return mx::array(x.shape(), x.dtype(), std::make_shared<Silu>(st), {x});
 }
 
 mx::array rope_one(
@@ -325,6 +413,21 @@ void RmsNormOne::eval_cpu(
   });
 }
 
+void Silu::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& y = outputs[0];
+  auto& encoder = prepare(stream(), inputs, y);
+  encoder.dispatch(
+      [xo = operand(inputs[0]), y_ptr = y.data<void>(), dtype = y.dtype()]() {
+        std::vector<char> xbuf;
+        const void* xp = materialize(xo, xbuf);
+        with_dtype(dtype, [&]<typename T>() {
+          silu_values(static_cast<const T*>(xp), static_cast<T*>(y_ptr), xo.size);
+        });
+      });
+}
+
 void RopeOne::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
@@ -399,6 +502,10 @@ void RmsNormOne::eval_gpu(
     const std::vector<mx::array>&,
     std::vector<mx::array>&) {
   throw std::runtime_error("[RmsNormOne] CPU only; use mx.fast.rms_norm.");
+}
+
+void Silu::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[Silu] CPU only; use nn.silu.");
 }
 
 void RopeOne::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

@@ -1,8 +1,9 @@
 // Fused CPU ops for the rest of a decode step: RMS norm, RoPE at one
-// position, and attention of one query over the KV cache. On MLX's CPU
-// backend each of mx.fast.rms_norm, mx.fast.rope and
+// position, attention of one query over the KV cache, and SiLU. On MLX's
+// CPU backend each of mx.fast.rms_norm, mx.fast.rope and
 // mx.fast.scaled_dot_product_attention falls back to a graph of 5 to 15
 // small ops; dispatching those costs more than their arithmetic at decode.
+// nn.silu compiles to a scalar loop (an exp and a libm fma call a value).
 // Each op here is one node computing the same function (float32 inside,
 // rounded to the input dtype where MLX's fallback rounds).
 #pragma once
@@ -42,6 +43,27 @@ mx::array attention_one(
     const mx::array& v,
     float scale,
     mx::StreamOrDevice s = {});
+
+// nn.silu(x) = x * sigmoid(x), sigmoid computed in float32 and stored in
+// the dtype of x (as MLX stores it), through a vectorizable exp.
+mx::array silu(const mx::array& x, mx::StreamOrDevice s = {});
+
+class Silu : public mx::Primitive {
+ public:
+  explicit Silu(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  void eval_gpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "Silu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
 
 class RmsNormOne : public mx::Primitive {
  public:

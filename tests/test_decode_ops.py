@@ -1,5 +1,5 @@
-"""The CPU extension's fused decode ops (RMS norm, RoPE, attention) equal
-MLX's own, alone and inside a patched model (chess_mlx.decode_ops)."""
+"""The CPU extension's fused decode ops (RMS norm, RoPE, attention, SiLU)
+equal MLX's own, alone and inside a patched model (chess_mlx.decode_ops)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +39,24 @@ def test_rms_norm(dtype, shape):
     x, w = rand(shape, dtype), rand(shape[-1:], dtype, seed=1)
     np.testing.assert_allclose(f32(ck.rms_norm(x, w, 1e-5)), f32(mx.fast.rms_norm(x, w, 1e-5)),
                                atol=ATOL[dtype], rtol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 8192), (1, 1, 1), (3, 77), (0,)])
+def test_silu(dtype, shape):
+    x = rand(shape, dtype) * 6  # well into both tails
+    expected = f32(nn.silu(x))
+    np.testing.assert_allclose(f32(ck.silu(x)), expected, atol=ATOL[dtype], rtol=ATOL[dtype])
+
+
+def test_silu_extremes():
+    x = mx.array([0.0, -0.0, 1e-30, -1e-30, 90.0, -90.0, 200.0, -200.0, np.inf, np.nan])
+    y = np.array(ck.silu(x))
+    x64 = np.array(x, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = x64 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(y[:-2], exact[:-2], rtol=3e-7, atol=1e-35)
+    assert y[-2] == np.inf and np.isnan(y[-1])
 
 
 ROPES = {
@@ -98,6 +116,8 @@ def test_errors():
         ck.rms_norm(x, mx.zeros((7,)), 1e-5)
     with pytest.raises(ValueError, match=r"\[rope_one\] inv_freqs must be float32"):
         ck.rope_one(x, mx.zeros((5,)), 0, 1.0, False)
+    with pytest.raises(ValueError, match=r"\[silu\] x must be"):
+        ck.silu(mx.zeros((4,), mx.int32))
     with pytest.raises(ValueError, match=r"\[attention_one\] .*multiple of Hkv"):
         ck.attention_one(mx.zeros((1, 1, 3, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), 1.0)
     with pytest.raises(ValueError, match=r"\[attention_one\] k and v must have the same dtype"):
@@ -139,6 +159,7 @@ def test_patched_decode_equals_reference(make):
     assert isinstance(layer.self_attn, decode_ops.KernelAttention)
     assert isinstance(layer.input_layernorm, decode_ops.KernelRMSNorm)
     assert isinstance(model.model.norm, decode_ops.KernelRMSNorm)
+    assert layer.mlp._decode_activation is ck.silu
     assert greedy_tokens(model, prompt) == reference
     unsparsify(model)
     assert not isinstance(model.layers[0].self_attn, decode_ops.KernelAttention)
