@@ -239,5 +239,5 @@ def get_num_threads() -> int:
 
 
 def kernel_isa() -> str:
-    """Instruction set of the kernels in use ("avx2" or "generic")."""
+    """Instruction set of the kernels in use ("avx512", "avx2" or "generic")."""
     return _require().kernel_isa()

@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 BITS = (4, 8)
-HALF_DTYPES = (mx.bfloat16, mx.float16)
 
 
 def unpack_codes(packed: mx.array, bits: int) -> mx.array:
@@ -106,22 +105,43 @@ def bfloat16_exact(a: mx.array) -> bool:
     return mx.array_equal(a.astype(mx.bfloat16).astype(a.dtype), a).item()
 
 
+class Float32LookupEmbedding(nn.QuantizedEmbedding):
+    """A QuantizedEmbedding whose scales and biases :func:`half_scales`
+    stored in bfloat16. ``mx.dequantize`` returns the scales' dtype, so a
+    lookup widens the rows' scales and biases first and returns the float32
+    rows it returned before; as the LM head it reads them as they are."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.dequantize(
+            self["weight"][x],
+            scales=self["scales"][x].astype(mx.float32),
+            biases=self["biases"][x].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
 def half_scales(model: nn.Module) -> int:
-    """Store the scales and biases of ``model``'s quantized linears in
-    bfloat16 where that holds them exactly (a bfloat16 checkpoint's do);
-    the bytes saved.
+    """Store the float32 scales and biases of ``model``'s quantized linears
+    and embeddings in bfloat16 where that holds them exactly (a bfloat16
+    checkpoint's do); the bytes saved.
 
     MLX's quantized matmul and the kernels read them with float32
     activations and give the same results, so a bfloat16 checkpoint run in
-    float32 on the CPU keeps its smaller layers. float16 ones stay float32:
-    converting them cost the CPU kernels more than their bytes saved (the
-    output GEMV at SmolLM2's shapes, 38 us dense against 32). Embeddings
-    keep theirs: a lookup returns the scales' dtype."""
+    float32 on the CPU keeps its smaller layers; embeddings become
+    :class:`Float32LookupEmbedding` so that lookups stay float32. float16
+    ones stay float32: converting them cost the CPU kernels more than their
+    bytes saved (the output GEMV at SmolLM2's shapes, 38 us dense against 32)."""
     saved = 0
     for _, layer in model.named_modules():
-        if type(layer) is not nn.QuantizedLinear or layer.scales.dtype in HALF_DTYPES:
+        if type(layer) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or layer.scales.dtype != mx.float32:
+            continue
+        if "biases" not in layer or getattr(layer, "mode", "affine") != "affine":
             continue
         if bfloat16_exact(mx.concatenate([layer.scales.flatten(), layer.biases.flatten()])):
             saved += (layer.scales.nbytes + layer.biases.nbytes) // 2
             layer.scales, layer.biases = layer.scales.astype(mx.bfloat16), layer.biases.astype(mx.bfloat16)
+            if type(layer) is nn.QuantizedEmbedding:
+                layer.__class__ = Float32LookupEmbedding
     return saved

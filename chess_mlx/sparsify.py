@@ -271,7 +271,7 @@ def kernel_linear(linear: nn.Module, kernels: "DecodeKernels") -> nn.Module:
 def patch_lm_head(model: nn.Module, kernels: "DecodeKernels"):
     body = getattr(model, "model", None)
     embedding = getattr(body, "embed_tokens", None)
-    if type(embedding) in (nn.Embedding, nn.QuantizedEmbedding) and out_gemv_ready(embedding, kernels):
+    if isinstance(embedding, (nn.Embedding, nn.QuantizedEmbedding)) and out_gemv_ready(embedding, kernels):
         body.embed_tokens = KernelHeadEmbedding(embedding, kernels)
     if "lm_head" in model:
         model.lm_head = kernel_linear(model.lm_head, kernels)

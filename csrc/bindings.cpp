@@ -202,5 +202,5 @@ NB_MODULE(_cpu_kernels, m) {
   m.def(
       "kernel_isa",
       &chess_mlx::kernel_isa,
-      "Instruction set of the kernels in use: 'avx2' or 'generic'.");
+      "Instruction set of the kernels in use: 'avx512', 'avx2' or 'generic'.");
 }

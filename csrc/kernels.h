@@ -77,7 +77,7 @@ using QVmmspRowsFn = void (*)(
 
 // qvmmsp, before qvmmsp_rows: puts xf in the order this table's
 // qvmmsp_rows reads (in place, once per call; group sums unchanged).
-using QVmmspOrderXFn = void (*)(int bits, float* xf, int64_t in);
+using QVmmspOrderXFn = void (*)(int bits, int64_t group_size, float* xf, int64_t in);
 
 struct Table {
   const char* isa;
@@ -100,10 +100,11 @@ struct Table {
 const Table& table_generic();
 #if defined(CHESS_MLX_HAVE_AVX2_TU)
 const Table& table_avx2();
+const Table& table_avx512();
 #endif
 
-// Best table for the running CPU (env CHESS_MLX_ISA=generic forces the
-// portable one).
+// Best table for the running CPU (env CHESS_MLX_ISA=generic or avx2 caps
+// the choice at that copy).
 const Table& best();
 
 } // namespace chess_mlx::kernels

@@ -19,8 +19,15 @@ const Table& select_table() {
   }
 #if defined(CHESS_MLX_HAVE_AVX2_TU)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
+  const bool avx2 = __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && !(force != nullptr && std::strcmp(force, "avx2") == 0)) {
+    return table_avx512();
+  }
+  if (avx2) {
     return table_avx2();
   }
 #endif

@@ -770,6 +770,83 @@ inline void natural_order(float* acc, int64_t w) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// codes16_even_odd twice as wide: the 32 codes in the 16 bytes at p.
+inline void codes32_even_odd(const uint32_t* p, __m512& even, __m512& odd) {
+  const __m512i b = _mm512_cvtepu8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+
+// accumulate_4bit_even_odd in 16 lanes: blocks of 32 outputs, even ones
+// first (natural_order32 puts them back). Needs words a multiple of 4.
+template <int N>
+inline void accumulate_4bit_even_odd32(
+    float* CHESS_MLX_RESTRICT acc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t words,
+    const float* v,
+    const GroupPrefetch& group_prefetch) {
+  constexpr int64_t kLine = 64 / sizeof(uint32_t);
+  __m512 vn[N];
+  for (int n = 0; n < N; ++n) {
+    vn[n] = _mm512_set1_ps(v[n]);
+  }
+  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+    prefetch_next_lines<8>(next, j0);
+    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    group_prefetch(j0, j1 - j0);
+    for (int64_t j = j0; j < j1; j += 4) {
+      __m512 even = _mm512_loadu_ps(acc + 8 * j);
+      __m512 odd = _mm512_loadu_ps(acc + 8 * j + 16);
+      for (int n = 0; n < N; ++n) {
+        __m512 ce, co;
+        codes32_even_odd(rows[n] + j, ce, co);
+        even = _mm512_fmadd_ps(vn[n], ce, even);
+        odd = _mm512_fmadd_ps(vn[n], co, odd);
+      }
+      _mm512_storeu_ps(acc + 8 * j, even);
+      _mm512_storeu_ps(acc + 8 * j + 16, odd);
+    }
+  }
+}
+
+// Blocks of 32 stored even outputs first back to output order, in place.
+inline void natural_order32(float* acc, int64_t w) {
+  const __m512i lo = _mm512_set_epi32(
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t j = 0; j < w; j += 32) {
+    const __m512 even = _mm512_loadu_ps(acc + j);
+    const __m512 odd = _mm512_loadu_ps(acc + j + 16);
+    _mm512_storeu_ps(acc + j, _mm512_permutex2var_ps(even, lo, odd));
+    _mm512_storeu_ps(acc + j + 16, _mm512_permutex2var_ps(even, hi, odd));
+  }
+}
+#endif
+
+// Outputs (input-sparse GEMV) or inputs (output GEMV) per block that the
+// 4-bit paths of this build read even codes first: 32 (AVX-512), 16
+// (AVX2), or 0 (natural order) when `n` is no multiple of the block.
+inline int even_odd_block(int bits, int64_t n) {
+#if defined(__AVX512F__)
+  if (bits == 4 && n % 32 == 0) {
+    return 32;
+  }
+#endif
+#if defined(__AVX2__)
+  if (bits == 4 && n % 16 == 0) {
+    return 16;
+  }
+#endif
+  (void)bits;
+  (void)n;
+  return 0;
+}
+
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
 // bias[g(i), o]) for o in [o0, o1), computed per group g as
 // scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
@@ -806,11 +883,7 @@ void qspvmm_cols_bits(
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
     const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
     const int64_t words = w / kPer;
-#if defined(__AVX2__)
-    const bool even_odd = BITS == 4 && words % 2 == 0;
-#else
-    constexpr bool even_odd = false;
-#endif
+    const int even_odd = even_odd_block(BITS, w);
     for (int64_t j = 0; j < w; ++j) {
       yacc[j] = 0.0f;
     }
@@ -853,8 +926,14 @@ void qspvmm_cols_bits(
         }
         with_row_count(n, [&](auto rows_n) {
           constexpr int N = decltype(rows_n)::value;
+#if defined(__AVX512F__)
+          if (even_odd == 32) {
+            accumulate_4bit_even_odd32<N>(acc, rows, next, words, vals + r, prefetch);
+            return;
+          }
+#endif
 #if defined(__AVX2__)
-          if (even_odd) {
+          if (even_odd == 16) {
             accumulate_4bit_even_odd<N>(acc, rows, next, words, vals + r, prefetch);
             return;
           }
@@ -866,8 +945,13 @@ void qspvmm_cols_bits(
           }
         });
       }
+#if defined(__AVX512F__)
+      if (even_odd == 32) {
+        natural_order32(acc, w);
+      }
+#endif
 #if defined(__AVX2__)
-      if (even_odd) {
+      if (even_odd == 16) {
         natural_order(acc, w);
       }
 #endif
@@ -993,28 +1077,53 @@ inline void group_dots_4bit(
 }
 #endif
 
-// Puts xf (in floats) in the order qvmmsp_rows reads it, in place: with
-// AVX2 and 4 bits, each 16 inputs even ones first; otherwise as it is.
-// Groups (multiples of 16 inputs) keep their members, so group sums of xf
-// are the same either way.
-inline void qvmmsp_order_x(int bits, float* xf, int64_t in) {
-#if defined(__AVX2__)
-  if (bits != 4) {
-    return;
+#if defined(__AVX512F__)
+// group_dots_4bit in 16 lanes, x in blocks of 32 even ones first.
+template <int R>
+inline void group_dots_4bit32(
+    const uint32_t* const* row,
+    int64_t w0,
+    const float* CHESS_MLX_RESTRICT xg,
+    int64_t group_size,
+    F8* dot) {
+  __m512 even[R], odd[R];
+  for (int r = 0; r < R; ++r) {
+    even[r] = _mm512_setzero_ps();
+    odd[r] = _mm512_setzero_ps();
   }
-  for (int64_t b = 0; b < in; b += 16) {
-    float block[16];
-    for (int t = 0; t < 8; ++t) {
-      block[t] = xf[b + 2 * t];
-      block[8 + t] = xf[b + 2 * t + 1];
+  for (int64_t c = 0; c < group_size; c += 32) {
+    const __m512 xe = _mm512_loadu_ps(xg + c);
+    const __m512 xo = _mm512_loadu_ps(xg + c + 16);
+    for (int r = 0; r < R; ++r) {
+      __m512 ce, co;
+      codes32_even_odd(row[r] + w0 + c / 8, ce, co);
+      even[r] = _mm512_fmadd_ps(xe, ce, even[r]);
+      odd[r] = _mm512_fmadd_ps(xo, co, odd[r]);
     }
-    std::memcpy(xf + b, block, sizeof(block));
   }
-#else
-  (void)bits;
-  (void)xf;
-  (void)in;
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(even[r], odd[r]);
+    const __m256 hi = _mm256_castpd_ps(
+        _mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+    dot[r] = F8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
+  }
+}
 #endif
+
+// Puts xf (in floats) in the order qvmmsp_rows reads it, in place: each
+// block of even_odd_block(bits, group_size) inputs even ones first, or as
+// it is. Groups keep their members, so group sums of xf are the same
+// either way.
+inline void qvmmsp_order_x(int bits, int64_t group_size, float* xf, int64_t in) {
+  const int n = even_odd_block(bits, group_size);
+  for (int64_t b = 0; n > 0 && b < in; b += n) {
+    float block[32];
+    for (int t = 0; t < n / 2; ++t) {
+      block[t] = xf[b + 2 * t];
+      block[n / 2 + t] = xf[b + 2 * t + 1];
+    }
+    std::memcpy(xf + b, block, n * sizeof(float));
+  }
 }
 
 // y[idx[k]] = gates[k] * sum_g (scale[o, g] * dot_g + bias[o, g] * xgsum[g])
@@ -1046,6 +1155,8 @@ void qvmmsp_rows_bits(
   auto* y = static_cast<typename E::S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
+  const int even_odd = even_odd_block(BITS, group_size); // as qvmmsp_order_x
+  (void)even_odd; // portable build: always 0
   // float16 scales and biases of a pass's rows, converted a row at a time
   // (the portable conversion takes about ten instructions a value; a
   // bfloat16 one is a shift, done as each is read).
@@ -1087,8 +1198,13 @@ void qvmmsp_rows_bits(
       for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
         prefetch_next_lines<kRows>(next, w0 + b);
       }
+#if defined(__AVX512F__)
+      if (even_odd == 32) {
+        group_dots_4bit32<kRows>(row, w0, xg, group_size, dot);
+      } else
+#endif
 #if defined(__AVX2__)
-      if constexpr (BITS == 4) {
+      if (even_odd == 16) {
         group_dots_4bit<kRows>(row, w0, xg, group_size, dot);
       } else
 #endif

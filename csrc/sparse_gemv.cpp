@@ -42,8 +42,9 @@ using namespace op_utils;
 // Below this many weight bytes to read, a GEMV runs on one thread: waking
 // the pool would cost more than it saves.
 constexpr int64_t kMinParallelBytes = 64 * 1024;
-// Column tiles handed to threads are multiples of this many elements.
-constexpr int64_t kColAlign = 16;
+// Column tiles handed to threads are multiples of this many elements (the
+// AVX-512 4-bit path reads blocks of 32 outputs).
+constexpr int64_t kColAlign = 32;
 // sparse_in_gemv splits by output columns only when every thread then gets
 // at least this many: shorter row segments stream poorly from DRAM, and
 // splitting over kept rows (split-K, float32 partials + a final reduction)
@@ -685,7 +686,7 @@ void SparseOutGateQGemv::eval_cpu(
         sc.xgsum[g] += sc.xf[i];
       }
     }
-    kt.qvmmsp_order_x(bits, sc.xf.data(), in);
+    kt.qvmmsp_order_x(bits, group_size, sc.xf.data(), in);
     QVmmspJob job{
         kt.qvmmsp_rows[dt][sdt], wp, in, bits, group_size, sp, bp,
         sc.xf.data(), sc.xgsum.data(), sc.idx.data(), sc.vals.data(), nact,

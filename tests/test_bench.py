@@ -98,7 +98,9 @@ def test_quantized_tiny_benchmark_runs_the_quantized_kernels(scales_dtype):
     assert label == f"4-bit, group 32, {scales_dtype} scales"
     gate_proj = model.layers[0].mlp.gate_proj
     assert gate_proj.scales.dtype == getattr(mx, scales_dtype)
-    assert model.model.embed_tokens.scales.dtype == mx.float32  # lookups stay float32
+    embed = model.model.embed_tokens  # half scales as the linears', float32 lookups
+    assert embed.scales.dtype == getattr(mx, scales_dtype)
+    assert embed(mx.array([[1, 2]])).dtype == mx.float32
     prompt = mx.array(random_windows(1, 8, seed=3)[0])
     result = bench.run_benchmark(model, thresholds, prompt, ["chess+", "teal"], [0.5], bench.SHORT, progress=False)
     check_result(result, ["chess+", "teal"], [0.5])

@@ -2,6 +2,10 @@
 CPU extension's quantized kernels against the reference path, and decoding."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,7 +16,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from chess_mlx import cpu_kernels as ck
 from chess_mlx.calibrate import calibrate
-from chess_mlx.quantized import QuantizedInputMajorLinear, half_scales, relayout_ready, unpack_codes
+from chess_mlx.quantized import (
+    Float32LookupEmbedding,
+    QuantizedInputMajorLinear,
+    half_scales,
+    relayout_ready,
+    unpack_codes,
+)
 from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, sparsify, unsparsify
 
 if not ck.module_present():
@@ -25,10 +35,10 @@ QUANTIZATIONS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
 # (x, scales and biases): one dtype, or float32 activations with the half
 # scales of a half-precision checkpoint.
 DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(mx.float32, mx.float16), (mx.float32, mx.bfloat16)]
-# (in, out): in a multiple of 128, out of 8. An odd number of words per
-# thread takes the plain 4-bit input-sparse loop, 1040 outputs the AVX2
-# even/odd one; the big shape runs on two threads.
-SHAPES = [(384, 24), (256, 200), (512, 1040)]
+# (in, out): in a multiple of 128, out of 8. Outputs no multiple of 16 take
+# the plain 4-bit input-sparse loop, 1040 the 16-output even/odd one and 96
+# the 32-output one (AVX-512 copy); the big shape runs on two threads.
+SHAPES = [(384, 24), (256, 200), (384, 96), (512, 1040)]
 
 
 def quantized_linear(n_in, n_out, bits, group_size, dtype=mx.float32, seed=0):
@@ -197,16 +207,23 @@ def test_half_scales_are_exact_and_kept_only_where_exact():
             linear.scales, linear.biases = (a.astype(mx.bfloat16).astype(mx.float32) for a in (linear.scales, linear.biases))
         q_proj = layer.self_attn.q_proj
         q_proj.scales, q_proj.biases = (a.astype(mx.float16).astype(mx.float32) for a in (q_proj.scales, q_proj.biases))
+    embed = model.model.embed_tokens  # tied: also the LM head
+    embed.scales, embed.biases = (a.astype(mx.bfloat16).astype(mx.float32) for a in (embed.scales, embed.biases))
     gate, q_proj = model.layers[0].mlp.gate_proj, model.layers[0].self_attn.q_proj
     stock_gate = (gate.weight, gate.scales, gate.biases)
+    ids = mx.array([[0, 7, 5, 7]])
+    stock_rows = embed(ids)
     prompt = random_windows(1, 9, seed=5)[0]
     sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
     reference_tokens, reference = greedy_tokens(model, prompt, 6)
     unsparsify(model)
-    assert half_scales(model) == sum(a.nbytes for a in stock_gate[1:]) // 2 * 3 * len(model.layers)
+    embed_bytes = (embed.scales.nbytes + embed.biases.nbytes) // 2
+    assert half_scales(model) == sum(a.nbytes for a in stock_gate[1:]) // 2 * 3 * len(model.layers) + embed_bytes
     assert gate.scales.dtype == gate.biases.dtype == mx.bfloat16
     assert q_proj.scales.dtype == mx.float32  # not exact in bfloat16: unchanged
-    assert model.model.embed_tokens.scales.dtype == mx.float32
+    assert type(embed) is Float32LookupEmbedding and embed.scales.dtype == embed.biases.dtype == mx.bfloat16
+    rows = embed(ids)
+    assert rows.dtype == mx.float32 and mx.array_equal(rows, stock_rows)
     x = mx.random.normal((3, gate.weight.shape[1] * 32 // gate.bits))
     assert mx.array_equal(gate(x), mx.quantized_matmul(x, *stock_gate, True, gate.group_size, gate.bits))
     sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
@@ -253,3 +270,23 @@ def test_unsupported_quantization_keeps_the_reference_path():
     assert model.layers[0].mlp._kernels is None
     tokens, _ = greedy_tokens(model, random_windows(1, 9, seed=5)[0], 3)
     assert len(tokens) == 3
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_each_kernel_copy_matches_reference(isa):
+    """The suite runs the best kernel copy for this CPU (AVX-512 where it has
+    it); the quantized kernel tests run again, in a subprocess, under each
+    lower copy that CHESS_MLX_ISA selects."""
+    env = {**os.environ, "CHESS_MLX_ISA": isa}
+    probe = "from chess_mlx import cpu_kernels; print(cpu_kernels.kernel_isa())"
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    if got.stdout.strip() != isa:
+        pytest.skip(f"this CPU has no {isa} kernel copy (got {got.stdout.strip()})")
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_quantized.py"),
+         "-k", "qgemv_matches_reference"],
+        env=env, capture_output=True, text=True, cwd=tests.parent,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
