@@ -710,22 +710,96 @@ inline void with_row_count(int64_t n, Fn fn) {
   }
 }
 
-#if defined(__AVX2__)
-// The 16 4-bit codes in the eight bytes at p, as floats: eight bytes
-// zero-extend to eight lanes whose low nibbles are the even codes and high
-// nibbles the odd ones. Five instructions per 16 codes where broadcast,
-// shift and mask take eight.
-inline void codes16_even_odd(const uint32_t* p, __m256& even, __m256& odd) {
-  const __m256i b =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  even = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+// Eight-lane vectors (GCC/Clang vector extensions): the output GEMV's dot
+// products written as loops did not vectorize (g++ 12 emitted mostly scalar
+// code), so they are spelled out here; any ISA lowers them.
+typedef float F8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+inline F8 load_f8(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// The 4-bit form of accumulate_codes_n, through codes16_even_odd: acc holds
-// each block of 16 outputs even ones first, and natural_order puts them
-// back. Needs words even.
-template <int N>
+inline float sum_f8(F8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+#if defined(__AVX2__)
+// Vectors of 4-bit codes as floats, for the even/odd paths below. The
+// kCodes codes at p (kCodes / 2 bytes) zero-extend to kCodes / 2 lanes whose
+// low nibbles are the even codes and high nibbles the odd ones: five
+// instructions per vector pair where broadcast, shift and mask take eight.
+// Blocks of kCodes inputs or outputs are then kept even ones first.
+struct Lanes8 {
+  using F = __m256;
+  static constexpr int kCodes = 16;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void codes(const uint32_t* p, F& even, F& odd) {
+    const __m256i b = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    even = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+  // eight-lane partial sums of even + odd
+  static F8 partial_sums(F even, F odd) { return F8(_mm256_add_ps(even, odd)); }
+  // a block stored even outputs first back to output order, in place
+  static void natural_order(float* p) {
+    const __m256 even = _mm256_loadu_ps(p);
+    const __m256 odd = _mm256_loadu_ps(p + 8);
+    const __m256 lo = _mm256_unpacklo_ps(even, odd);  // 0 1 2 3 | 8 9 10 11
+    const __m256 hi = _mm256_unpackhi_ps(even, odd);  // 4 5 6 7 | 12 ... 15
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+struct Lanes16 {
+  using F = __m512;
+  static constexpr int kCodes = 32;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void codes(const uint32_t* p, F& even, F& odd) {
+    const __m512i b = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
+  static F8 partial_sums(F even, F odd) {
+    const __m512 sum = _mm512_add_ps(even, odd);
+    const __m256 hi = _mm256_castpd_ps(
+        _mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+    return F8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
+  }
+  static void natural_order(float* p) {
+    const __m512i lo = _mm512_set_epi32(
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512 even = _mm512_loadu_ps(p);
+    const __m512 odd = _mm512_loadu_ps(p + 16);
+    _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, lo, odd));
+    _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, hi, odd));
+  }
+};
+#endif
+
+#if defined(__AVX2__)
+// The 4-bit form of accumulate_codes_n in vectors V: acc holds each block
+// of V::kCodes outputs even ones first, and natural_order puts them back.
+// Needs words a multiple of V::kCodes / 8.
+template <class V, int N>
 inline void accumulate_4bit_even_odd(
     float* CHESS_MLX_RESTRICT acc,
     const uint32_t* const* rows,
@@ -734,96 +808,36 @@ inline void accumulate_4bit_even_odd(
     const float* v,
     const GroupPrefetch& group_prefetch) {
   constexpr int64_t kLine = 64 / sizeof(uint32_t);
-  __m256 vn[N];
+  constexpr int64_t kWords = V::kCodes / 8;
+  constexpr int64_t kHalf = V::kCodes / 2;
+  typename V::F vn[N];
   for (int n = 0; n < N; ++n) {
-    vn[n] = _mm256_set1_ps(v[n]);
+    vn[n] = V::set1(v[n]);
   }
   for (int64_t j0 = 0; j0 < words; j0 += kLine) {
     prefetch_next_lines<8>(next, j0);
     const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
     group_prefetch(j0, j1 - j0);
-    for (int64_t j = j0; j < j1; j += 2) {
-      __m256 even = _mm256_loadu_ps(acc + 8 * j);
-      __m256 odd = _mm256_loadu_ps(acc + 8 * j + 8);
+    for (int64_t j = j0; j < j1; j += kWords) {
+      typename V::F even = V::load(acc + 8 * j);
+      typename V::F odd = V::load(acc + 8 * j + kHalf);
       for (int n = 0; n < N; ++n) {
-        __m256 ce, co;
-        codes16_even_odd(rows[n] + j, ce, co);
-        even = _mm256_fmadd_ps(vn[n], ce, even);
-        odd = _mm256_fmadd_ps(vn[n], co, odd);
+        typename V::F ce, co;
+        V::codes(rows[n] + j, ce, co);
+        even = V::fmadd(vn[n], ce, even);
+        odd = V::fmadd(vn[n], co, odd);
       }
-      _mm256_storeu_ps(acc + 8 * j, even);
-      _mm256_storeu_ps(acc + 8 * j + 8, odd);
+      V::store(acc + 8 * j, even);
+      V::store(acc + 8 * j + kHalf, odd);
     }
   }
 }
 
-// Blocks of 16 stored even outputs first back to output order, in place.
+// Blocks of V::kCodes outputs stored even ones first back to output order.
+template <class V>
 inline void natural_order(float* acc, int64_t w) {
-  for (int64_t j = 0; j < w; j += 16) {
-    const __m256 even = _mm256_loadu_ps(acc + j);
-    const __m256 odd = _mm256_loadu_ps(acc + j + 8);
-    const __m256 lo = _mm256_unpacklo_ps(even, odd);  // 0 1 2 3 | 8 9 10 11
-    const __m256 hi = _mm256_unpackhi_ps(even, odd);  // 4 5 6 7 | 12 ... 15
-    _mm256_storeu_ps(acc + j, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(acc + j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-  }
-}
-#endif
-
-#if defined(__AVX512F__)
-// codes16_even_odd twice as wide: the 32 codes in the 16 bytes at p.
-inline void codes32_even_odd(const uint32_t* p, __m512& even, __m512& odd) {
-  const __m512i b = _mm512_cvtepu8_epi32(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
-
-// accumulate_4bit_even_odd in 16 lanes: blocks of 32 outputs, even ones
-// first (natural_order32 puts them back). Needs words a multiple of 4.
-template <int N>
-inline void accumulate_4bit_even_odd32(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* const* rows,
-    const uint32_t* const* next,
-    int64_t words,
-    const float* v,
-    const GroupPrefetch& group_prefetch) {
-  constexpr int64_t kLine = 64 / sizeof(uint32_t);
-  __m512 vn[N];
-  for (int n = 0; n < N; ++n) {
-    vn[n] = _mm512_set1_ps(v[n]);
-  }
-  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
-    prefetch_next_lines<8>(next, j0);
-    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
-    group_prefetch(j0, j1 - j0);
-    for (int64_t j = j0; j < j1; j += 4) {
-      __m512 even = _mm512_loadu_ps(acc + 8 * j);
-      __m512 odd = _mm512_loadu_ps(acc + 8 * j + 16);
-      for (int n = 0; n < N; ++n) {
-        __m512 ce, co;
-        codes32_even_odd(rows[n] + j, ce, co);
-        even = _mm512_fmadd_ps(vn[n], ce, even);
-        odd = _mm512_fmadd_ps(vn[n], co, odd);
-      }
-      _mm512_storeu_ps(acc + 8 * j, even);
-      _mm512_storeu_ps(acc + 8 * j + 16, odd);
-    }
-  }
-}
-
-// Blocks of 32 stored even outputs first back to output order, in place.
-inline void natural_order32(float* acc, int64_t w) {
-  const __m512i lo = _mm512_set_epi32(
-      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi = _mm512_set_epi32(
-      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int64_t j = 0; j < w; j += 32) {
-    const __m512 even = _mm512_loadu_ps(acc + j);
-    const __m512 odd = _mm512_loadu_ps(acc + j + 16);
-    _mm512_storeu_ps(acc + j, _mm512_permutex2var_ps(even, lo, odd));
-    _mm512_storeu_ps(acc + j + 16, _mm512_permutex2var_ps(even, hi, odd));
+  for (int64_t j = 0; j < w; j += V::kCodes) {
+    V::natural_order(acc + j);
   }
 }
 #endif
@@ -928,13 +942,13 @@ void qspvmm_cols_bits(
           constexpr int N = decltype(rows_n)::value;
 #if defined(__AVX512F__)
           if (even_odd == 32) {
-            accumulate_4bit_even_odd32<N>(acc, rows, next, words, vals + r, prefetch);
+            accumulate_4bit_even_odd<Lanes16, N>(acc, rows, next, words, vals + r, prefetch);
             return;
           }
 #endif
 #if defined(__AVX2__)
           if (even_odd == 16) {
-            accumulate_4bit_even_odd<N>(acc, rows, next, words, vals + r, prefetch);
+            accumulate_4bit_even_odd<Lanes8, N>(acc, rows, next, words, vals + r, prefetch);
             return;
           }
 #endif
@@ -947,12 +961,12 @@ void qspvmm_cols_bits(
       }
 #if defined(__AVX512F__)
       if (even_odd == 32) {
-        natural_order32(acc, w);
+        natural_order<Lanes16>(acc, w);
       }
 #endif
 #if defined(__AVX2__)
       if (even_odd == 16) {
-        natural_order(acc, w);
+        natural_order<Lanes8>(acc, w);
       }
 #endif
       if constexpr (SDT == F16) {
@@ -1002,23 +1016,6 @@ void qspvmm_cols(
   }
 }
 
-// Eight-lane vectors (GCC/Clang vector extensions): the output GEMV's dot
-// products written as loops did not vectorize (g++ 12 emitted mostly scalar
-// code), so they are spelled out here; any ISA lowers them.
-typedef float F8 __attribute__((vector_size(32)));
-typedef uint32_t U8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-
-inline F8 load_f8(const float* p) {
-  F8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float sum_f8(F8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
 // The eight codes that start at word `w` of a row, as floats: one word at
 // 4 bits, two at 8 (whose codes are its bytes, in order). Codes convert as
 // signed ints: x86 has no unsigned int-to-float vector conversion.
@@ -1046,66 +1043,33 @@ inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
 }
 
 #if defined(__AVX2__)
-// The R rows' 4-bit dots with one group of x, x in the order of
-// qvmmsp_order_x (each 16 inputs even ones first), as codes16_even_odd
+// The R rows' 4-bit dots with one group of x, in vectors V: x in the order
+// of qvmmsp_order_x (each V::kCodes inputs even ones first), as V::codes
 // yields the codes.
-template <int R>
+template <class V, int R>
 inline void group_dots_4bit(
     const uint32_t* const* row,
     int64_t w0,
     const float* CHESS_MLX_RESTRICT xg,
     int64_t group_size,
     F8* dot) {
-  __m256 even[R], odd[R];
+  typename V::F even[R], odd[R];
   for (int r = 0; r < R; ++r) {
-    even[r] = _mm256_setzero_ps();
-    odd[r] = _mm256_setzero_ps();
+    even[r] = V::zero();
+    odd[r] = V::zero();
   }
-  for (int64_t c = 0; c < group_size; c += 16) {
-    const __m256 xe = _mm256_loadu_ps(xg + c);
-    const __m256 xo = _mm256_loadu_ps(xg + c + 8);
+  for (int64_t c = 0; c < group_size; c += V::kCodes) {
+    const typename V::F xe = V::load(xg + c);
+    const typename V::F xo = V::load(xg + c + V::kCodes / 2);
     for (int r = 0; r < R; ++r) {
-      __m256 ce, co;
-      codes16_even_odd(row[r] + w0 + c / 8, ce, co);
-      even[r] = _mm256_fmadd_ps(xe, ce, even[r]);
-      odd[r] = _mm256_fmadd_ps(xo, co, odd[r]);
+      typename V::F ce, co;
+      V::codes(row[r] + w0 + c / 8, ce, co);
+      even[r] = V::fmadd(xe, ce, even[r]);
+      odd[r] = V::fmadd(xo, co, odd[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    dot[r] = F8(_mm256_add_ps(even[r], odd[r]));
-  }
-}
-#endif
-
-#if defined(__AVX512F__)
-// group_dots_4bit in 16 lanes, x in blocks of 32 even ones first.
-template <int R>
-inline void group_dots_4bit32(
-    const uint32_t* const* row,
-    int64_t w0,
-    const float* CHESS_MLX_RESTRICT xg,
-    int64_t group_size,
-    F8* dot) {
-  __m512 even[R], odd[R];
-  for (int r = 0; r < R; ++r) {
-    even[r] = _mm512_setzero_ps();
-    odd[r] = _mm512_setzero_ps();
-  }
-  for (int64_t c = 0; c < group_size; c += 32) {
-    const __m512 xe = _mm512_loadu_ps(xg + c);
-    const __m512 xo = _mm512_loadu_ps(xg + c + 16);
-    for (int r = 0; r < R; ++r) {
-      __m512 ce, co;
-      codes32_even_odd(row[r] + w0 + c / 8, ce, co);
-      even[r] = _mm512_fmadd_ps(xe, ce, even[r]);
-      odd[r] = _mm512_fmadd_ps(xo, co, odd[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512 sum = _mm512_add_ps(even[r], odd[r]);
-    const __m256 hi = _mm256_castpd_ps(
-        _mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
-    dot[r] = F8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
+    dot[r] = V::partial_sums(even[r], odd[r]);
   }
 }
 #endif
@@ -1200,12 +1164,12 @@ void qvmmsp_rows_bits(
       }
 #if defined(__AVX512F__)
       if (even_odd == 32) {
-        group_dots_4bit32<kRows>(row, w0, xg, group_size, dot);
+        group_dots_4bit<Lanes16, kRows>(row, w0, xg, group_size, dot);
       } else
 #endif
 #if defined(__AVX2__)
       if (even_odd == 16) {
-        group_dots_4bit<kRows>(row, w0, xg, group_size, dot);
+        group_dots_4bit<Lanes8, kRows>(row, w0, xg, group_size, dot);
       } else
 #endif
       {
