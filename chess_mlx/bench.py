@@ -934,7 +934,8 @@ def main(argv=None):
         result["model"].update(name=args.model, description=label, thresholds=source)
         machine, dense_path = result["machine"], result["decode"][1]["decode_path"]
         print(f"Model: {args.model} ({label}); thresholds {source}")
-        print(f"{machine['cpu']} | {machine['backend']} | {machine['blas']} | decode: {dense_path}\n")
+        copy = f" ({machine['isa']}, {machine['threads']} threads)" if "isa" in machine else ""
+        print(f"{machine['cpu']} | {machine['backend']} | {machine['blas']} | decode: {dense_path}{copy}\n")
         if "kernels" not in dense_path:
             print(f"warning: no sparse kernels, every config ran the reference path "
                   f"({machine.get('reason')})", file=sys.stderr)

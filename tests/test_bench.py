@@ -163,11 +163,13 @@ def test_cli_rejects_bad_flags_before_loading(argv, capsys):
 
 
 @pytest.mark.slow
-def test_short_run_on_smollm2(tmp_path):
+def test_short_run_on_smollm2(tmp_path, capsys):
     output, png = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--short", "--methods", "chess,chess+", "--sparsity", "0.5",
                 "--output", str(output), "--plot", str(png)])
     check_result(json.loads(output.read_text()), ["chess", "chess+"], [0.5])
+    if cpu_kernels.available():  # the header names the kernel copy that ran
+        assert f"decode: CPU extension kernels ({cpu_kernels.kernel_isa()}, " in capsys.readouterr().out
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
