@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "mlx/types/half_types.h"
@@ -23,6 +24,13 @@ namespace chess_mlx {
 namespace {
 
 using namespace op_utils;
+
+// Inlined into the per-ISA copies below (CHESS_MLX_CPU_CLONES).
+#if defined(__GNUC__)
+#define CHESS_MLX_INLINE inline __attribute__((always_inline))
+#else
+#define CHESS_MLX_INLINE inline
+#endif
 
 // Attention reads this many K/V bytes or more before it splits its heads
 // over the thread pool.
@@ -121,7 +129,7 @@ void rope_rows(
 // polynomial, in plain float and integer ops so that a loop of it
 // vectorizes. a is clamped to 86 (e^-86 is a normal float just above
 // FLT_MIN), a nan too: callers keep nan in their own arithmetic.
-inline float exp_neg(float a) {
+CHESS_MLX_INLINE float exp_neg(float a) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
@@ -158,7 +166,7 @@ inline float exp_neg(float a) {
 }
 
 template <typename T>
-void silu_values(const T* x, T* y, int64_t n) {
+CHESS_MLX_INLINE void silu_values(const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = static_cast<float>(x[i]);
     uint32_t vb;
@@ -199,7 +207,7 @@ struct AttentionJob {
 // sum of a[e] * b[e] over e < n, in kLanes partial sums (a serial sum
 // would not vectorize without -ffast-math).
 template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
+CHESS_MLX_INLINE float dot(const float* a, const T* b, int64_t n) {
   constexpr int kLanes = 8;
   float lanes[kLanes] = {};
   int64_t e = 0;
@@ -218,48 +226,104 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
-// Query heads [i0, i1) of the flattened (batch, head) index.
+// sum of a[e] over e < n, in kLanes partial sums as dot's.
+CHESS_MLX_INLINE float sum(const float* a, int64_t n) {
+  constexpr int kLanes = 8;
+  float lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += a[e + l];
+    }
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    total += lanes[l];
+  }
+  for (; e < n; ++e) {
+    total += a[e];
+  }
+  return total;
+}
+
+// Query heads [i0, i1) of the flattened (batch, head) index. Consecutive
+// heads that share a KV head (up to kShare at once) are done together, so
+// each K and V row is read once for all of them, not once per head.
 template <typename T>
-void attention_items(const AttentionJob& j, int64_t i0, int64_t i1) {
+CHESS_MLX_INLINE void attention_items(const AttentionJob& j, int64_t i0, int64_t i1) {
+  constexpr int64_t kShare = 8;
   const T* q = static_cast<const T*>(j.q);
   const T* k = static_cast<const T*>(j.k);
   const T* v = static_cast<const T*>(j.v);
   T* out = static_cast<T*>(j.out);
-  std::vector<float> qs(j.d), scores(std::max<int64_t>(j.s, 1)), acc(j.dv);
+  const int64_t s = std::max<int64_t>(j.s, 1);
+  std::vector<float> qs(kShare * j.d), scores(kShare * s), acc(kShare * j.dv);
   const float scale = rounded<T>(j.scale);
-  for (int64_t item = i0; item < i1; ++item) {
+  for (int64_t item = i0; item < i1;) {
     const int64_t b = item / j.heads;
     const int64_t g = (item % j.heads) / j.rep;
-    const T* qi = q + item * j.d;
-    for (int64_t e = 0; e < j.d; ++e) {
-      qs[e] = rounded<T>(scale * static_cast<float>(qi[e]));
+    const int64_t group_end = b * j.heads + (g + 1) * j.rep;
+    const int64_t n = std::min({i1, group_end, item + kShare}) - item;
+    for (int64_t e = 0; e < n * j.d; ++e) {
+      qs[e] = rounded<T>(scale * static_cast<float>(q[item * j.d + e]));
     }
     const T* kb = k + b * j.k_strides[0] + g * j.k_strides[1];
-    float top = -INFINITY;
+    float top[kShare];
+    std::fill(top, top + kShare, -INFINITY);
     for (int64_t t = 0; t < j.s; ++t) {
       const T* kt = kb + t * j.k_strides[2];
-      scores[t] = rounded<T>(dot(qs.data(), kt, j.d));
-      top = std::max(top, scores[t]);
+      for (int64_t h = 0; h < n; ++h) {
+        const float score = rounded<T>(dot(qs.data() + h * j.d, kt, j.d));
+        scores[h * s + t] = score;
+        top[h] = std::max(top[h], score);
+      }
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t < j.s; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      total += scores[t];
+    float total[kShare];
+    for (int64_t h = 0; h < n; ++h) {
+      float* sh = scores.data() + h * s;
+      for (int64_t t = 0; t < j.s; ++t) {
+        sh[t] = exp_neg(top[h] - sh[t]); // vectorizes, unlike std::exp
+      }
+      total[h] = sum(sh, j.s);
     }
     std::fill(acc.begin(), acc.end(), 0.0f);
     const T* vb = v + b * j.v_strides[0] + g * j.v_strides[1];
     for (int64_t t = 0; t < j.s; ++t) {
-      const float p = rounded<T>(scores[t] / total);
       const T* vt = vb + t * j.v_strides[2];
-      for (int64_t e = 0; e < j.dv; ++e) {
-        acc[e] += p * static_cast<float>(vt[e]);
+      for (int64_t h = 0; h < n; ++h) {
+        const float p = rounded<T>(scores[h * s + t] / total[h]);
+        float* ah = acc.data() + h * j.dv;
+        for (int64_t e = 0; e < j.dv; ++e) {
+          ah[e] += p * static_cast<float>(vt[e]);
+        }
       }
     }
-    T* oi = out + item * j.dv;
-    for (int64_t e = 0; e < j.dv; ++e) {
-      oi[e] = static_cast<T>(acc[e]);
+    for (int64_t e = 0; e < n * j.dv; ++e) {
+      out[item * j.dv + e] = static_cast<T>(acc[e]);
     }
+    item += n;
   }
+}
+
+// float32 (the CPU's decode dtype) in copies for AVX-512 and AVX2 beside
+// the baseline one, picked once at load time by the CPU (GCC on x86-64);
+// the templates above inline into each copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CHESS_MLX_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CHESS_MLX_CPU_CLONES
+#endif
+
+CHESS_MLX_CPU_CLONES void attention_items_f32(
+    const AttentionJob& j,
+    int64_t i0,
+    int64_t i1) {
+  attention_items<float>(j, i0, i1);
+}
+
+CHESS_MLX_CPU_CLONES void silu_f32(const float* x, float* y, int64_t n) {
+  silu_values(x, y, n);
 }
 
 void attention_task(void* ctx, int t, int ntasks) {
@@ -423,7 +487,11 @@ void Silu::eval_cpu(
         std::vector<char> xbuf;
         const void* xp = materialize(xo, xbuf);
         with_dtype(dtype, [&]<typename T>() {
-          silu_values(static_cast<const T*>(xp), static_cast<T*>(y_ptr), xo.size);
+          if constexpr (std::is_same_v<T, float>) {
+            silu_f32(static_cast<const float*>(xp), static_cast<float*>(y_ptr), xo.size);
+          } else {
+            silu_values(static_cast<const T*>(xp), static_cast<T*>(y_ptr), xo.size);
+          }
         });
       });
 }
@@ -473,7 +541,13 @@ void AttentionOne::eval_cpu(
   job.dv = v.shape(3);
   job.scale = scale_;
   job.items = q.shape(0) * q.shape(2);
-  with_dtype(q.dtype(), [&]<typename T>() { job.run = &attention_items<T>; });
+  with_dtype(q.dtype(), [&]<typename T>() {
+    if constexpr (std::is_same_v<T, float>) {
+      job.run = &attention_items_f32;
+    } else {
+      job.run = &attention_items<T>;
+    }
+  });
   encoder.dispatch([job,
                     qo = operand(q),
                     k,

@@ -89,8 +89,11 @@ def test_other_rope_variants_are_not_fused():
     assert decode_ops.rope_inv_freqs(CustomRoPE()) is None
 
 
+# 12 query heads on one KV head: more than the 8 done together, and (3000
+# keys, over the thread pool) tasks that split the group
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("heads,kv_heads,keys,dv", [(4, 4, 1, 64), (8, 2, 37, 64), (6, 3, 300, 48), (32, 8, 2000, 64)])
+@pytest.mark.parametrize("heads,kv_heads,keys,dv", [(4, 4, 1, 64), (8, 2, 37, 64), (6, 3, 300, 48), (32, 8, 2000, 64),
+                                                     (12, 1, 50, 16), (12, 1, 3000, 16)])
 def test_attention_one(dtype, heads, kv_heads, keys, dv):
     q = rand((2, 1, heads, 64), dtype)
     # Keys and values as a KVCache holds them: views into longer buffers.
