@@ -307,8 +307,10 @@ CHESS_MLX_INLINE void attention_items(const AttentionJob& j, int64_t i0, int64_t
 
 // float32 (the CPU's decode dtype) in copies for AVX-512 and AVX2 beside
 // the baseline one, picked once at load time by the CPU (GCC on x86-64);
-// the templates above inline into each copy.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// the templates above inline into each copy. The copies are picked through
+// an ifunc, hence glibc.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    defined(__GLIBC__)
 #define CHESS_MLX_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
