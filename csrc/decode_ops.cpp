@@ -8,9 +8,9 @@
 #include "decode_ops.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +41,28 @@ inline float rounded(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// sum of term(e) over e < n, in kLanes partial sums: a serial sum would not
+// vectorize without -ffast-math.
+template <typename Term>
+CHESS_MLX_INLINE float sum_in_lanes(int64_t n, Term term) {
+  constexpr int kLanes = 8;
+  float lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += term(e + l);
+    }
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    total += lanes[l];
+  }
+  for (; e < n; ++e) {
+    total += term(e);
+  }
+  return total;
+}
+
 // Calls fn.template operator()<T>() with T the C++ type of dtype d.
 template <typename Fn>
 void with_dtype(mx::Dtype d, Fn&& fn) {
@@ -61,25 +83,12 @@ void rms_norm_rows(
     int64_t rows,
     int64_t n,
     float eps) {
-  constexpr int kLanes = 8;
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * n;
-    float lanes[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const float v = static_cast<float>(xr[i + l]);
-        lanes[l] += v * v;
-      }
-    }
-    float ss = 0.0f;
-    for (int l = 0; l < kLanes; ++l) {
-      ss += lanes[l];
-    }
-    for (; i < n; ++i) {
+    const float ss = sum_in_lanes(n, [xr](int64_t i) {
       const float v = static_cast<float>(xr[i]);
-      ss += v * v;
-    }
+      return v * v;
+    });
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
     for (int64_t j = 0; j < n; ++j) {
       const float normed = rounded<T>(static_cast<float>(xr[j]) * inv);
@@ -137,17 +146,10 @@ CHESS_MLX_INLINE float exp_neg(float a) {
   // min(a, 86) on the bits (a >= 0 orders them; a nan becomes 86): g++
   // does not if-convert a float min under -ftrapping-math
   constexpr uint32_t kMaxBits = 0x42AC0000u; // 86.0f
-  uint32_t ab;
-  std::memcpy(&ab, &a, sizeof(ab));
-  ab = ab < kMaxBits ? ab : kMaxBits;
-  float x;
-  std::memcpy(&x, &ab, sizeof(x));
-  x = -x;
+  const uint32_t ab = std::bit_cast<uint32_t>(a);
+  const float x = -std::bit_cast<float>(ab < kMaxBits ? ab : kMaxBits);
   const float t = x * kLog2e + kRound;
   const float n = t - kRound; // round(x * log2(e)), in [-124, 0]
-  uint32_t tb, kb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  std::memcpy(&kb, &kRound, sizeof(kb));
   const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -156,33 +158,24 @@ CHESS_MLX_INLINE float exp_neg(float a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = (p * r * r + r) + 1.0f;
-  // times 2^n: n added to the exponent field (tb - kb is n, two's complement)
-  uint32_t eb;
-  std::memcpy(&eb, &e, sizeof(eb));
-  eb += (tb - kb) << 23;
-  float out;
-  std::memcpy(&out, &eb, sizeof(out));
-  return out;
+  // times 2^n: n added to the exponent field (the low bits of t, less those
+  // of kRound, are n in two's complement)
+  const uint32_t n_bits = std::bit_cast<uint32_t>(t) - std::bit_cast<uint32_t>(kRound);
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(e) + (n_bits << 23));
 }
 
 template <typename T>
 CHESS_MLX_INLINE void silu_values(const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
+    constexpr uint32_t kOneBits = 0x3F800000u; // 1.0f
     const float v = static_cast<float>(x[i]);
-    uint32_t vb;
-    std::memcpy(&vb, &v, sizeof(vb));
     const float e = exp_neg(std::fabs(v));
     const float r = 1.0f / (1.0f + e); // sigmoid(|v|)
     // sigmoid(v) = r for v >= 0, e * r below; picked by the sign bit
     // (an integer mask: g++ does not if-convert float selects)
-    const uint32_t neg = 0u - (vb >> 31);
-    uint32_t eb, one;
-    const float one_f = 1.0f;
-    std::memcpy(&eb, &e, sizeof(eb));
-    std::memcpy(&one, &one_f, sizeof(one));
-    const uint32_t fb = (eb & neg) | (one & ~neg);
-    float f;
-    std::memcpy(&f, &fb, sizeof(f));
+    const uint32_t neg = 0u - (std::bit_cast<uint32_t>(v) >> 31);
+    const float f = std::bit_cast<float>(
+        (std::bit_cast<uint32_t>(e) & neg) | (kOneBits & ~neg));
     y[i] = static_cast<T>(v * rounded<T>(f * r));
   }
 }
@@ -203,48 +196,6 @@ struct AttentionJob {
   int64_t items; // batch * heads
   void (*run)(const AttentionJob&, int64_t, int64_t);
 };
-
-// sum of a[e] * b[e] over e < n, in kLanes partial sums (a serial sum
-// would not vectorize without -ffast-math).
-template <typename T>
-CHESS_MLX_INLINE float dot(const float* a, const T* b, int64_t n) {
-  constexpr int kLanes = 8;
-  float lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] += a[e + l] * static_cast<float>(b[e + l]);
-    }
-  }
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) {
-    sum += lanes[l];
-  }
-  for (; e < n; ++e) {
-    sum += a[e] * static_cast<float>(b[e]);
-  }
-  return sum;
-}
-
-// sum of a[e] over e < n, in kLanes partial sums as dot's.
-CHESS_MLX_INLINE float sum(const float* a, int64_t n) {
-  constexpr int kLanes = 8;
-  float lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] += a[e + l];
-    }
-  }
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) {
-    total += lanes[l];
-  }
-  for (; e < n; ++e) {
-    total += a[e];
-  }
-  return total;
-}
 
 // Query heads [i0, i1) of the flattened (batch, head) index. Consecutive
 // heads that share a KV head (up to kShare at once) are done together, so
@@ -273,7 +224,9 @@ CHESS_MLX_INLINE void attention_items(const AttentionJob& j, int64_t i0, int64_t
     for (int64_t t = 0; t < j.s; ++t) {
       const T* kt = kb + t * j.k_strides[2];
       for (int64_t h = 0; h < n; ++h) {
-        const float score = rounded<T>(dot(qs.data() + h * j.d, kt, j.d));
+        const float* qh = qs.data() + h * j.d;
+        const float score = rounded<T>(sum_in_lanes(
+            j.d, [qh, kt](int64_t e) { return qh[e] * static_cast<float>(kt[e]); }));
         scores[h * s + t] = score;
         top[h] = std::max(top[h], score);
       }
@@ -284,7 +237,7 @@ CHESS_MLX_INLINE void attention_items(const AttentionJob& j, int64_t i0, int64_t
       for (int64_t t = 0; t < j.s; ++t) {
         sh[t] = exp_neg(top[h] - sh[t]); // vectorizes, unlike std::exp
       }
-      total[h] = sum(sh, j.s);
+      total[h] = sum_in_lanes(j.s, [sh](int64_t t) { return sh[t]; });
     }
     std::fill(acc.begin(), acc.end(), 0.0f);
     const T* vb = v + b * j.v_strides[0] + g * j.v_strides[1];

@@ -795,7 +795,6 @@ struct Lanes16 {
 };
 #endif
 
-#if defined(__AVX2__)
 // The 4-bit form of accumulate_codes_n in vectors V: acc holds each block
 // of V::kCodes outputs even ones first, and natural_order puts them back.
 // Needs words a multiple of V::kCodes / 8.
@@ -840,7 +839,6 @@ inline void natural_order(float* acc, int64_t w) {
     V::natural_order(acc + j);
   }
 }
-#endif
 
 // Outputs (input-sparse GEMV) or inputs (output GEMV) per block that the
 // 4-bit paths of this build read even codes first: 32 (AVX-512), 16
@@ -859,6 +857,27 @@ inline int even_odd_block(int bits, int64_t n) {
   (void)bits;
   (void)n;
   return 0;
+}
+
+// fn(V{}) with the vectors V that read blocks of `even_odd` (a value of
+// even_odd_block) codes; false, fn not called, for 0 (natural order).
+template <typename Fn>
+inline bool with_lanes(int even_odd, Fn fn) {
+#if defined(__AVX512F__)
+  if (even_odd == 32) {
+    fn(Lanes16{});
+    return true;
+  }
+#endif
+#if defined(__AVX2__)
+  if (even_odd == 16) {
+    fn(Lanes8{});
+    return true;
+  }
+#endif
+  (void)even_odd;
+  (void)fn;
+  return false;
 }
 
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
@@ -940,18 +959,12 @@ void qspvmm_cols_bits(
         }
         with_row_count(n, [&](auto rows_n) {
           constexpr int N = decltype(rows_n)::value;
-#if defined(__AVX512F__)
-          if (even_odd == 32) {
-            accumulate_4bit_even_odd<Lanes16, N>(acc, rows, next, words, vals + r, prefetch);
+          if (with_lanes(even_odd, [&](auto lanes) {
+                accumulate_4bit_even_odd<decltype(lanes), N>(
+                    acc, rows, next, words, vals + r, prefetch);
+              })) {
             return;
           }
-#endif
-#if defined(__AVX2__)
-          if (even_odd == 16) {
-            accumulate_4bit_even_odd<Lanes8, N>(acc, rows, next, words, vals + r, prefetch);
-            return;
-          }
-#endif
           if constexpr (N == 8) {
             accumulate_codes8<BITS>(acc, rows, next, words, vals + r, prefetch);
           } else {
@@ -959,16 +972,7 @@ void qspvmm_cols_bits(
           }
         });
       }
-#if defined(__AVX512F__)
-      if (even_odd == 32) {
-        natural_order<Lanes16>(acc, w);
-      }
-#endif
-#if defined(__AVX2__)
-      if (even_odd == 16) {
-        natural_order<Lanes8>(acc, w);
-      }
-#endif
+      with_lanes(even_odd, [&](auto lanes) { natural_order<decltype(lanes)>(acc, w); });
       if constexpr (SDT == F16) {
         to_f32<SDT>(sg, w, sconv);
         to_f32<SDT>(bg, w, bconv);
@@ -1042,7 +1046,6 @@ inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
   }
 }
 
-#if defined(__AVX2__)
 // The R rows' 4-bit dots with one group of x, in vectors V: x in the order
 // of qvmmsp_order_x (each V::kCodes inputs even ones first), as V::codes
 // yields the codes.
@@ -1072,7 +1075,6 @@ inline void group_dots_4bit(
     dot[r] = V::partial_sums(even[r], odd[r]);
   }
 }
-#endif
 
 // Puts xf (in floats) in the order qvmmsp_rows reads it, in place: each
 // block of even_odd_block(bits, group_size) inputs even ones first, or as
@@ -1120,7 +1122,6 @@ void qvmmsp_rows_bits(
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
   const int even_odd = even_odd_block(BITS, group_size); // as qvmmsp_order_x
-  (void)even_odd; // portable build: always 0
   // float16 scales and biases of a pass's rows, converted a row at a time
   // (the portable conversion takes about ten instructions a value; a
   // bfloat16 one is a shift, done as each is read).
@@ -1162,17 +1163,10 @@ void qvmmsp_rows_bits(
       for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
         prefetch_next_lines<kRows>(next, w0 + b);
       }
-#if defined(__AVX512F__)
-      if (even_odd == 32) {
-        group_dots_4bit<Lanes16, kRows>(row, w0, xg, group_size, dot);
-      } else
-#endif
-#if defined(__AVX2__)
-      if (even_odd == 16) {
-        group_dots_4bit<Lanes8, kRows>(row, w0, xg, group_size, dot);
-      } else
-#endif
-      {
+      const bool in_lanes = with_lanes(even_odd, [&](auto lanes) {
+        group_dots_4bit<decltype(lanes), kRows>(row, w0, xg, group_size, dot);
+      });
+      if (!in_lanes) {
         for (int64_t c = 0; c < group_size; c += 8) {
           const F8 xv = load_f8(xg + c);
           const int64_t w = w0 + c / 8 * kWordsPerVec;

@@ -21,6 +21,7 @@ import numpy as np
 from chess_mlx import cpu_kernels
 from chess_mlx.bench import Quantization, kept_vector, quantized_linear
 from chess_mlx.quantized import QuantizedInputMajorLinear
+from chess_mlx.utils import DTYPES
 from chess_mlx.sparsify import out_gemv
 
 KEPT = (1.0, 0.5, 0.0)
@@ -49,7 +50,7 @@ def main():
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--scales-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    parser.add_argument("--scales-dtype", choices=list(DTYPES), default="float32",
                         help="Dtype of scales and biases (activations stay float32)")
     args = parser.parse_args()
     n_in, n_out = args.shape
