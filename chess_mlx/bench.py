@@ -50,8 +50,8 @@ from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity,
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, half_scales
 from .sparsify import (
-    configurations, default_kernels, kernel_backend, lm_head, model_layers, out_gemv, parse_methods,
-    shared_relayouts, sparsify, target_label, track_sparsity, unsparsify,
+    configurations, default_kernels, huge_pages_enabled, kernel_backend, lm_head, model_layers, out_gemv,
+    parse_methods, shared_relayouts, sparsify, target_label, track_sparsity, unsparsify, weights_to_huge_pages,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
 from .utils import DTYPES, cli_errors, load, shipped_thresholds
@@ -596,7 +596,7 @@ def kernel_calls(
 
 
 def weight_copies(
-    shape: KernelShape, settings: Settings, dtype, quantization: Optional[Quantization] = None
+    shape: KernelShape, settings: Settings, dtype, quantization: Optional[Quantization] = None, kernels=None
 ) -> Tuple[list, list, int]:
     """Random weights in the kernel's layout and in the stock layer's, enough
     copies to exceed ``settings.cold_bytes``, and the bytes of one copy.
@@ -615,15 +615,28 @@ def weight_copies(
             layers.append(layer)
         size = int(bytes_per_weight(layers[0], params) * params)
         if shape.kernel == "sparse_out_gate_gemv":
-            return layers, layers, size
+            return on_huge_pages(layers, kernels), layers, size
         relaid = [QuantizedInputMajorLinear(layer) for layer in layers]
         mx.eval([r.parameters() for r in relaid])
-        return relaid, layers, size
+        return on_huge_pages(relaid, kernels), layers, size
     if shape.kernel == "sparse_out_gate_gemv":
-        return linear, linear, size
+        return on_huge_pages(linear, kernels), linear, size
     layout = [(mx.random.normal((shape.n_in, shape.n_out)) * scale).astype(dtype) for _ in range(count)]
     mx.eval(layout)
-    return layout, linear, size
+    return on_huge_pages(layout, kernels), linear, size
+
+
+def on_huge_pages(weights: list, kernels) -> list:
+    """The kernels' weight copies where a patched model keeps its weights:
+    on huge pages where :func:`sparsify.weights_to_huge_pages` moves them.
+    Layers the stock path also reads are moved for both."""
+    if not huge_pages_enabled(kernels):
+        return weights
+    if isinstance(weights[0], nn.Module):
+        for layer in weights:
+            weights_to_huge_pages(layer, kernels)
+        return weights
+    return [kernels.huge_page_copies([w])[0] for w in weights]
 
 
 def bench_kernels(
@@ -635,7 +648,7 @@ def bench_kernels(
     rows = []
     bar.set_description("kernels")
     for shape in kernel_shapes(shapes, methods):
-        sparse_weights, linear_weights, size = weight_copies(shape, settings, dtype, quantization)
+        sparse_weights, linear_weights, size = weight_copies(shape, settings, dtype, quantization, kernels)
         calls = kernel_calls(shape, kernels, kept, dtype, quantization)
         weights = {key: linear_weights if key == "mlx" else sparse_weights for key in calls}
         for key, call in calls.items():  # warm-up
@@ -700,7 +713,8 @@ def kernel_info(kernels) -> Dict[str, object]:
         return {"kernels": "none (reference path)", "reason": reason}
     if kernels is cpu_kernels:
         return {"kernels": "CPU extension", "threads": cpu_kernels.get_num_threads(),
-                "isa": cpu_kernels.kernel_isa()}
+                "isa": cpu_kernels.kernel_isa(), "huge_pages": huge_pages_enabled(kernels),
+                "transparent_huge_pages": cpu_kernels.transparent_huge_pages()}
     return {"kernels": "Metal"}
 
 
@@ -934,7 +948,8 @@ def main(argv=None):
         result["model"].update(name=args.model, description=label, thresholds=source)
         machine, dense_path = result["machine"], result["decode"][1]["decode_path"]
         print(f"Model: {args.model} ({label}); thresholds {source}")
-        copy = f" ({machine['isa']}, {machine['threads']} threads)" if "isa" in machine else ""
+        pages = ", weights on huge pages" if machine.get("huge_pages") else ""
+        copy = f" ({machine['isa']}, {machine['threads']} threads{pages})" if "isa" in machine else ""
         print(f"{machine['cpu']} | {machine['backend']} | {machine['blas']} | decode: {dense_path}{copy}\n")
         if "kernels" not in dense_path:
             print(f"warning: no sparse kernels, every config ran the reference path "

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional, Union
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -48,6 +49,9 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "kernel_isa",
+    "huge_page_copies",
+    "release_free_memory",
+    "transparent_huge_pages",
 ]
 
 _MODULE_NAME = __package__ + "._cpu_kernels" if __package__ else "_cpu_kernels"
@@ -241,3 +245,31 @@ def get_num_threads() -> int:
 def kernel_isa() -> str:
     """Instruction set of the kernels in use ("avx512", "avx2" or "generic")."""
     return _require().kernel_isa()
+
+
+def huge_page_copies(arrays: Sequence[mx.array]) -> List[mx.array]:
+    """Copies of ``arrays`` (evaluated) packed into one region of memory
+    advised for transparent huge pages, freed with the last copy (Linux;
+    elsewhere ordinary copies). A sparse GEMV's scattered rows then cost
+    no page walks (see csrc/huge_pages.h)."""
+    return _require().huge_page_copies(list(arrays))
+
+
+def release_free_memory() -> None:
+    """Return the heap's free memory to the system (glibc's ``malloc_trim``;
+    elsewhere nothing): glibc otherwise keeps arrays freed inside its heap
+    in the process's resident memory."""
+    _require().release_free_memory()
+
+
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_huge_pages() -> Optional[str]:
+    """The system's THP mode ("always", "madvise" or "never"), None where
+    it has none (not Linux)."""
+    try:
+        text = THP_ENABLED.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None

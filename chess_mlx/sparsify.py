@@ -6,6 +6,7 @@ through them. Everything is plain MLX, so it works on every backend.
 """
 
 import functools
+import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
@@ -13,6 +14,7 @@ import numpy as np
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import decode_ops
 from .decode_ops import is_decode
@@ -147,8 +149,9 @@ def kernel_ready(linear: nn.Module, kernels: Optional["DecodeKernels"] = None) -
     return relayout_ready(linear) and hasattr(kernels, "sparse_in_qgemv")
 
 
-# source array id -> (source array, its re-layout), inside shared_relayouts().
-_shared_relayouts: Optional[Dict[int, tuple]] = None
+# ("relayout" or "huge_pages", source array id) -> (source array, its
+# re-layout or copy), inside shared_relayouts().
+_shared_relayouts: Optional[Dict[Tuple[str, int], tuple]] = None
 
 
 @contextmanager
@@ -168,10 +171,11 @@ def relayout(source: mx.array, make: Callable[[], object]):
     """``make()``, or inside :func:`shared_relayouts` the one made for ``source`` before."""
     if _shared_relayouts is None:
         return make()
-    if id(source) not in _shared_relayouts:
+    key = ("relayout", id(source))
+    if key not in _shared_relayouts:
         # Holding the source keeps its id from being reused by another array.
-        _shared_relayouts[id(source)] = (source, make())
-    return _shared_relayouts[id(source)][1]
+        _shared_relayouts[key] = (source, make())
+    return _shared_relayouts[key][1]
 
 
 def input_major(linear: nn.Module) -> nn.Module:
@@ -617,7 +621,70 @@ def sparsify(
         sparsify_lm_head(model, head_tau, kernels)
     elif kernels is not None:
         patch_lm_head(model, kernels)
+    if kernels is not None:
+        weights_to_huge_pages(model, kernels)
     return model
+
+
+# Copies packed per huge-page region: bounds the extra memory while moving.
+HUGE_PAGE_BATCH_BYTES = 64 << 20
+
+
+def weights_to_huge_pages(model: nn.Module, kernels: DecodeKernels) -> int:
+    """Move the weights of ``model`` to copies on transparent huge pages where
+    ``kernels`` can (the CPU extension, on Linux with THP not "never") and
+    ``CHESS_MLX_HUGE_PAGES`` is not ``0``; returns the bytes moved. A sparse
+    GEMV reads scattered rows, and on 4 KiB pages a decode step pays a page
+    walk every few kept rows (README: the chess+ GEMVs of the 4-bit 1B model
+    ran about 6% faster on huge pages, dense ones the same). The old arrays
+    are freed unless something else holds them."""
+    if not huge_pages_enabled(kernels):
+        return 0
+    moved = 0
+    # By name, a batch at a time: holding every old array until the end
+    # would keep the whole model twice.
+    sizes = [(name, a.nbytes) for name, a in tree_flatten(model.parameters())]
+    for names in batches(sizes, HUGE_PAGE_BATCH_BYTES):
+        current = dict(tree_flatten(model.parameters()))
+        copies = shared_copies([current[n] for n in names], kernels.huge_page_copies)
+        del current
+        model.update(tree_unflatten(list(zip(names, copies))))
+        moved += sum(c.nbytes for c in copies)
+    kernels.release_free_memory()
+    return moved
+
+
+def huge_pages_enabled(kernels: Optional[DecodeKernels]) -> bool:
+    """Whether :func:`sparsify` moves weights to huge pages for ``kernels``."""
+    return (
+        hasattr(kernels, "huge_page_copies")
+        and os.environ.get("CHESS_MLX_HUGE_PAGES", "1") != "0"
+        and kernels.transparent_huge_pages() not in (None, "never")
+    )
+
+
+def batches(sizes: Sequence[Tuple[str, int]], limit: int) -> Iterator[List[str]]:
+    """The names of ``sizes`` in order, in groups of at least ``limit`` bytes (the last one less)."""
+    names, total = [], 0
+    for name, nbytes in sizes:
+        names.append(name)
+        total += nbytes
+        if total >= limit:
+            yield names
+            names, total = [], 0
+    if names:
+        yield names
+
+
+def shared_copies(arrays: List[mx.array], copy: Callable[[List[mx.array]], List[mx.array]]) -> List[mx.array]:
+    """``copy(arrays)``, where inside :func:`shared_relayouts` an array copied
+    before keeps its first copy (models sharing weights share the copies)."""
+    if _shared_relayouts is None:
+        return copy(arrays)
+    new = list({id(a): a for a in arrays if ("huge_pages", id(a)) not in _shared_relayouts}.values())
+    for a, c in zip(new, copy(new) if new else []):
+        _shared_relayouts[("huge_pages", id(a))] = (a, c)
+    return [_shared_relayouts[("huge_pages", id(a))][1] for a in arrays]
 
 
 def sparse_modules(model: nn.Module) -> Iterator[nn.Module]:

@@ -4,10 +4,12 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/version.h"
 
 #include "decode_ops.h"
+#include "huge_pages.h"
 #include "sparse_gemv.h"
 #include "thread_pool.h"
 
@@ -188,6 +190,22 @@ NB_MODULE(_cpu_kernels, m) {
 
         Returns:
             array: ``[B, 1, Hq, Dv]``, dtype of ``q``.)");
+
+  m.def(
+      "huge_page_copies",
+      &chess_mlx::huge_page_copies,
+      "arrays"_a,
+      R"(Copies of ``arrays`` packed on transparent huge pages where the system has them.
+
+        One 2 MiB aligned region, advised for huge pages before it is
+        written (Linux), holds every copy (64-byte aligned); it is freed
+        with the last of them. Elsewhere, or with THP disabled, they are
+        ordinary copies. Evaluates the arrays.)");
+
+  m.def(
+      "release_free_memory",
+      &chess_mlx::release_free_memory,
+      "Returns the heap's free memory to the system (glibc malloc_trim).");
 
   m.def(
       "set_num_threads",

@@ -9,7 +9,8 @@ In a decode step each layer keeps its own channels, so here each of
 --copies random 4-bit weights (more bytes than the last-level cache) gets
 its own mask, and the copies run together, as one step's layers do. Prints
 microseconds per call with every channel kept, half kept at random, and
-none, and half over all. Run it on an otherwise idle machine.
+none, and half over all. The weights sit on huge pages where decode puts
+them (``CHESS_MLX_HUGE_PAGES=0``: not). Run it on an otherwise idle machine.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from chess_mlx import cpu_kernels
 from chess_mlx.bench import Quantization, kept_vector, quantized_linear
 from chess_mlx.quantized import QuantizedInputMajorLinear
 from chess_mlx.utils import DTYPES
-from chess_mlx.sparsify import out_gemv
+from chess_mlx.sparsify import out_gemv, weights_to_huge_pages
 
 KEPT = (1.0, 0.5, 0.0)
 
@@ -69,6 +70,8 @@ def main():
 
         def call(layer, x):
             return layer.sparse_gemv(cpu_kernels, x, 1.0)
+    for layer in layers:  # where a patched model keeps them (CHESS_MLX_HUGE_PAGES=0: not)
+        weights_to_huge_pages(layer, cpu_kernels)
     for mask in masks.values():  # warm-up: thread pool, scratch buffers
         mx.eval([call(layer, m) for layer, m in zip(layers, mask)])
     seconds = {k: [] for k in KEPT}

@@ -11,7 +11,7 @@ from mlx_lm.models import llama
 from chess_mlx import bench, costs, cpu_kernels
 from chess_mlx.calibrate import calibrate
 from chess_mlx.errors import ChessError
-from chess_mlx.sparsify import shared_relayouts, sparsify, target_label
+from chess_mlx.sparsify import huge_pages_enabled, shared_relayouts, sparsify, target_label
 
 TINY = llama.ModelArgs(
     model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
@@ -167,9 +167,11 @@ def test_short_run_on_smollm2(tmp_path, capsys):
     output, png = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--short", "--methods", "chess,chess+", "--sparsity", "0.5",
                 "--output", str(output), "--plot", str(png)])
-    check_result(json.loads(output.read_text()), ["chess", "chess+"], [0.5])
+    result = json.loads(output.read_text())
+    check_result(result, ["chess", "chess+"], [0.5])
     if cpu_kernels.available():  # the header names the kernel copy that ran
         assert f"decode: CPU extension kernels ({cpu_kernels.kernel_isa()}, " in capsys.readouterr().out
+        assert result["machine"]["huge_pages"] == huge_pages_enabled(cpu_kernels)
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
