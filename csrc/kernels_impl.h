@@ -727,6 +727,20 @@ inline float sum_f8(F8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// sum of a[i] * b[i] over [0, n), in eight lanes.
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  F8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc += load_f8(a + i) * load_f8(b + i);
+  }
+  float s = sum_f8(acc);
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
 #if defined(__AVX2__)
 // Vectors of 4-bit codes as floats, for the even/odd paths below. The
 // kCodes codes at p (kCodes / 2 bytes) zero-extend to kCodes / 2 lanes whose
@@ -1122,10 +1136,12 @@ void qvmmsp_rows_bits(
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
   const int even_odd = even_odd_block(BITS, group_size); // as qvmmsp_order_x
-  // float16 scales and biases of a pass's rows, converted a row at a time
-  // (the portable conversion takes about ten instructions a value; a
-  // bfloat16 one is a shift, done as each is read).
-  std::vector<float> converted(SDT == F16 ? 2 * kRows * groups : 0);
+  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
+  const int64_t group_words = group_size / kPer;
+  // Scales and biases of a pass's rows as float32, converted a row at a
+  // time (vector loops; per group, a scale is then one broadcast load and
+  // the bias terms one dot product with xgsum per row).
+  std::vector<float> converted(2 * kRows * groups);
   for (int64_t k = k0; k < k1; k += kRows) {
     int64_t o[kRows];
     const uint32_t* row[kRows];
@@ -1133,17 +1149,15 @@ void qvmmsp_rows_bits(
     for (int r = 0; r < kRows; ++r) {
       o[r] = idx[k + r < k1 ? k + r : k1 - 1];
       row[r] = wq + o[r] * row_words;
-      if constexpr (SDT == F16) {
-        float* sf = converted.data() + 2 * r * groups;
-        to_f32<SDT>(scales + o[r] * groups, groups, sf);
-        to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
-        sconv[r] = sf;
-      }
+      float* sf = converted.data() + 2 * r * groups;
+      to_f32<SDT>(scales + o[r] * groups, groups, sf);
+      to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
+      sconv[r] = sf;
     }
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
     // the hardware prefetcher to find each scattered kept row in time, and
     // so are their scale and bias rows (another array). The next pass's
-    // rows are fetched into L1 a group at a time as this pass goes, the one
+    // rows are fetched into L1 a line at a time as this pass goes, the one
     // after into L2.
     const uint32_t* next[2 * kRows];
     for (int r = 0; r < 2 * kRows; ++r) {
@@ -1155,13 +1169,14 @@ void qvmmsp_rows_bits(
       }
     }
     F8 tot[kRows] = {};
-    float bias[kRows] = {};
     for (int64_t g = 0; g < groups; ++g) {
       F8 dot[kRows] = {};
       const float* xg = xf + g * group_size;
-      const int64_t w0 = g * group_size / kPer;
-      for (int64_t b = 0; b < group_size / kPer; b += 64 / sizeof(uint32_t)) {
-        prefetch_next_lines<kRows>(next, w0 + b);
+      const int64_t w0 = g * group_words;
+      // once per line of the rows: a group can be less than a line
+      for (int64_t b = (w0 + kLineWords - 1) / kLineWords * kLineWords;
+           b < w0 + group_words; b += kLineWords) {
+        prefetch_next_lines<kRows>(next, b);
       }
       const bool in_lanes = with_lanes(even_odd, [&](auto lanes) {
         group_dots_4bit<decltype(lanes), kRows>(row, w0, xg, group_size, dot);
@@ -1176,17 +1191,12 @@ void qvmmsp_rows_bits(
         }
       }
       for (int r = 0; r < kRows; ++r) {
-        if constexpr (SDT == F16) {
-          tot[r] += sconv[r][g] * dot[r];
-          bias[r] += sconv[r][groups + g] * xgsum[g];
-        } else {
-          tot[r] += SE::load(scales[o[r] * groups + g]) * dot[r];
-          bias[r] += SE::load(biases[o[r] * groups + g]) * xgsum[g];
-        }
+        tot[r] += sconv[r][g] * dot[r];
       }
     }
     for (int r = 0; r < kRows && k + r < k1; ++r) {
-      y[o[r]] = E::store(gates[k + r] * (sum_f8(tot[r]) + bias[r]));
+      const float bias = dot_lanes(sconv[r] + groups, xgsum, groups);
+      y[o[r]] = E::store(gates[k + r] * (sum_f8(tot[r]) + bias));
     }
   }
 }
