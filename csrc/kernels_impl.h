@@ -755,6 +755,7 @@ struct Lanes8 {
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static void codes(const uint32_t* p, F& even, F& odd) {
     const __m256i b = _mm256_cvtepu8_epi32(
         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -784,6 +785,7 @@ struct Lanes16 {
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static void codes(const uint32_t* p, F& even, F& odd) {
     const __m512i b = _mm512_cvtepu8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -1060,33 +1062,55 @@ inline F8 codes_f8(const uint32_t* CHESS_MLX_RESTRICT w) {
   }
 }
 
-// The R rows' 4-bit dots with one group of x, in vectors V: x in the order
-// of qvmmsp_order_x (each V::kCodes inputs even ones first), as V::codes
-// yields the codes.
+// tot[r] = sum over groups g of scale[r][g] * (row r's 4-bit dot with
+// group g of x), in vectors V: x in the order of qvmmsp_order_x (each
+// V::kCodes inputs even ones first), as V::codes yields the codes. The
+// sums stay in V's lanes until the end; the `next` rows are prefetched.
 template <class V, int R>
-inline void group_dots_4bit(
+inline void scaled_dots_4bit(
     const uint32_t* const* row,
-    int64_t w0,
-    const float* CHESS_MLX_RESTRICT xg,
+    const uint32_t* const* next,
+    const float* CHESS_MLX_RESTRICT xf,
+    int64_t groups,
     int64_t group_size,
-    F8* dot) {
-  typename V::F even[R], odd[R];
+    const float* const* scale,
+    F8* tot) {
+  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
+  const int64_t group_words = group_size / 8;
+  typename V::F sum[R];
   for (int r = 0; r < R; ++r) {
-    even[r] = V::zero();
-    odd[r] = V::zero();
+    sum[r] = V::zero();
   }
-  for (int64_t c = 0; c < group_size; c += V::kCodes) {
-    const typename V::F xe = V::load(xg + c);
-    const typename V::F xo = V::load(xg + c + V::kCodes / 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t w0 = g * group_words;
+    const float* xg = xf + g * group_size;
+    typename V::F even[R], odd[R];
     for (int r = 0; r < R; ++r) {
-      typename V::F ce, co;
-      V::codes(row[r] + w0 + c / 8, ce, co);
-      even[r] = V::fmadd(xe, ce, even[r]);
-      odd[r] = V::fmadd(xo, co, odd[r]);
+      even[r] = V::zero();
+      odd[r] = V::zero();
+    }
+    for (int64_t c = 0; c < group_size; c += V::kCodes) {
+      const int64_t w = w0 + c / 8;
+      if (w % kLineWords == 0) {
+        // here, not in a loop of its own: g++ 12 deleted such a loop of
+        // prefetches (no side effects), which made the GEMV 2x slower
+        prefetch_next_lines<R>(next, w);
+      }
+      const typename V::F xe = V::load(xg + c);
+      const typename V::F xo = V::load(xg + c + V::kCodes / 2);
+      for (int r = 0; r < R; ++r) {
+        typename V::F ce, co;
+        V::codes(row[r] + w, ce, co);
+        even[r] = V::fmadd(xe, ce, even[r]);
+        odd[r] = V::fmadd(xo, co, odd[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sum[r] = V::fmadd(V::set1(scale[r][g]), V::add(even[r], odd[r]), sum[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    dot[r] = V::partial_sums(even[r], odd[r]);
+    tot[r] = V::partial_sums(sum[r], V::zero());
   }
 }
 
@@ -1130,14 +1154,13 @@ void qvmmsp_rows_bits(
   constexpr int kRows = 4;
   constexpr int kPer = 32 / BITS;
   constexpr int kWordsPerVec = 8 / kPer;
+  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
   auto* y = static_cast<typename E::S*>(yv);
   const int64_t groups = in / group_size;
   const int64_t row_words = in / kPer;
   const int even_odd = even_odd_block(BITS, group_size); // as qvmmsp_order_x
-  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
-  const int64_t group_words = group_size / kPer;
   // Scales and biases of a pass's rows as float32, converted a row at a
   // time (vector loops; per group, a scale is then one broadcast load and
   // the bias terms one dot product with xgsum per row).
@@ -1169,25 +1192,21 @@ void qvmmsp_rows_bits(
       }
     }
     F8 tot[kRows] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-      F8 dot[kRows] = {};
+    const bool in_lanes = with_lanes(even_odd, [&](auto lanes) {
+      scaled_dots_4bit<decltype(lanes), kRows>(row, next, xf, groups, group_size, sconv, tot);
+    });
+    for (int64_t g = 0; !in_lanes && g < groups; ++g) {
       const float* xg = xf + g * group_size;
-      const int64_t w0 = g * group_words;
-      // once per line of the rows: a group can be less than a line
-      for (int64_t b = (w0 + kLineWords - 1) / kLineWords * kLineWords;
-           b < w0 + group_words; b += kLineWords) {
-        prefetch_next_lines<kRows>(next, b);
-      }
-      const bool in_lanes = with_lanes(even_odd, [&](auto lanes) {
-        group_dots_4bit<decltype(lanes), kRows>(row, w0, xg, group_size, dot);
-      });
-      if (!in_lanes) {
-        for (int64_t c = 0; c < group_size; c += 8) {
-          const F8 xv = load_f8(xg + c);
-          const int64_t w = w0 + c / 8 * kWordsPerVec;
-          for (int r = 0; r < kRows; ++r) {
-            dot[r] += xv * codes_f8<BITS>(row[r] + w);
-          }
+      const int64_t w0 = g * group_size / kPer;
+      F8 dot[kRows] = {};
+      for (int64_t c = 0; c < group_size; c += 8) {
+        const F8 xv = load_f8(xg + c);
+        const int64_t w = w0 + c / 8 * kWordsPerVec;
+        if (w % kLineWords == 0) {
+          prefetch_next_lines<kRows>(next, w);  // as in scaled_dots_4bit
+        }
+        for (int r = 0; r < kRows; ++r) {
+          dot[r] += xv * codes_f8<BITS>(row[r] + w);
         }
       }
       for (int r = 0; r < kRows; ++r) {
