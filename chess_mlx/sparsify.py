@@ -589,7 +589,8 @@ def sparsify(
     the LM head (tied or not) decode through the output GEMV on their own
     layout. Kernels that have them (the CPU extension's) also run the RMS
     norms, RoPE and attention of a decode step as single ops
-    (:mod:`chess_mlx.decode_ops`).
+    (:mod:`chess_mlx.decode_ops`), and the model's weights move onto
+    transparent huge pages (:func:`weights_to_huge_pages`).
     """
     if method not in METHODS:
         raise ChessError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
