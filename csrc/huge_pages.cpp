@@ -1,5 +1,6 @@
 #include "huge_pages.h"
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -110,13 +111,16 @@ std::vector<mx::array> copy_to_region(const std::vector<mx::array>& src) {
 } // namespace
 
 std::vector<mx::array> huge_page_copies(const std::vector<mx::array>& arrays) {
+  if (arrays.empty()) {
+    return {};
+  }
   std::vector<mx::array> src;
   for (const auto& a : arrays) {
     src.push_back(mx::contiguous(a));
   }
   mx::eval(src);
 #if defined(__linux__)
-  if (auto out = copy_to_region(src); !out.empty() || src.empty()) {
+  if (auto out = copy_to_region(src); !out.empty()) {
     return out;
   }
 #endif
