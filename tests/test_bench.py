@@ -203,3 +203,20 @@ def test_config_copies_share_weights_and_relayouts():
     assert model.layers[0].mlp.dense.down_proj.wt is not a.layers[0].mlp.dense.down_proj.wt
     prompt = mx.array(random_windows(1, 8, seed=3)[0])
     assert mx.array_equal(model(prompt[None]), a(prompt[None]))
+
+
+def test_stock_steps_run_in_a_block_of_their_own(monkeypatch):
+    configs = bench.make_configs(["chess"], [0.5])
+    models = {c: f"model {c.name}" for c in configs}
+    groups = []
+
+    def fake_times(group, prompt, settings, calls):
+        groups.append(group)
+        return (np.full((settings.tokens, len(group)), float(len(groups))),
+                np.full((settings.tokens, len(group)), np.nan))
+
+    monkeypatch.setattr(bench, "interleaved_step_times", fake_times)
+    times, _ = bench.rep_step_times(configs, models, {}, None, bench.Settings(tokens=3))
+    stock = models[configs[0]]
+    assert [stock in g for g in groups] == [False, True] and groups[1] == [stock]
+    assert times[:, 0].tolist() == [2.0] * 3 and (times[:, 1:] == 1.0).all()
