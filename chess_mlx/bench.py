@@ -376,7 +376,8 @@ def interleaved_step_times(
     step_calls: Optional[Sequence[Optional[list]]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Seconds of each timed decode step, ``[steps, models]``: every model
-    prefills and warms up, then the models take turns, one step each. Every
+    prefills and warms up, then the models take turns, one step each, in
+    reverse order every other turn. Every
     REPLAY_EVERY-th turn also replays each model's recorded GEMV calls
     (``step_calls``) right after the steps, so a step and its GEMVs alone
     are timed moments apart; their seconds come second (NaN elsewhere)."""
@@ -387,7 +388,10 @@ def interleaved_step_times(
     times = np.zeros((settings.tokens, len(models)))
     replays = np.full((settings.tokens, len(models)), np.nan)
     for step in range(settings.tokens):
-        for i, (model, state) in enumerate(zip(models, states)):
+        # Every other turn in reverse order: no config always goes first.
+        order = range(len(models)) if step % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            model, state = models[i], states[i]
             start = time.perf_counter()
             state[1] = decode_steps(model, state[0], state[1], 1)
             times[step, i] = time.perf_counter() - start

@@ -220,3 +220,12 @@ def test_stock_steps_run_in_a_block_of_their_own(monkeypatch):
     stock = models[configs[0]]
     assert [stock in g for g in groups] == [False, True] and groups[1] == [stock]
     assert times[:, 0].tolist() == [2.0] * 3 and (times[:, 1:] == 1.0).all()
+
+
+def test_turns_alternate_their_order(monkeypatch):
+    order = []
+    monkeypatch.setattr(bench, "prefill", lambda model, prompt: (None, 0))
+    monkeypatch.setattr(bench, "decode_steps", lambda model, cache, y, steps: order.append(model) or y)
+    times, _ = bench.interleaved_step_times(["a", "b", "c"], None, bench.Settings(tokens=3, warmup=0))
+    assert order[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # after one warm-up call each
+    assert times.shape == (3, 3)
