@@ -569,6 +569,9 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   }
 }
 
+// Words of packed codes in a 64-byte cache line.
+constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
+
 // One line of each of the next pass's R rows (next[0, R)) into L1 and of
 // the pass after's (next[R, 2R)) into L2, at word offset j0: called as a
 // pass goes, so the fetches spread over it instead of coming in a burst.
@@ -628,7 +631,6 @@ inline void accumulate_codes8(
     const GroupPrefetch& group_prefetch) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  constexpr int64_t kLine = 64 / sizeof(uint32_t);
   const uint32_t* CHESS_MLX_RESTRICT r0 = rows[0];
   const uint32_t* CHESS_MLX_RESTRICT r1 = rows[1];
   const uint32_t* CHESS_MLX_RESTRICT r2 = rows[2];
@@ -639,9 +641,9 @@ inline void accumulate_codes8(
   const uint32_t* CHESS_MLX_RESTRICT r7 = rows[7];
   const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
   const float v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
-  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+  for (int64_t j0 = 0; j0 < words; j0 += kLineWords) {
     prefetch_next_lines<8>(next, j0);
-    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    const int64_t j1 = j0 + kLineWords < words ? j0 + kLineWords : words;
     group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; ++j) {
       const uint32_t u0 = r0[j], u1 = r1[j], u2 = r2[j], u3 = r3[j];
@@ -673,10 +675,9 @@ inline void accumulate_codes_n(
     const GroupPrefetch& group_prefetch) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  constexpr int64_t kLine = 64 / sizeof(uint32_t);
-  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+  for (int64_t j0 = 0; j0 < words; j0 += kLineWords) {
     prefetch_next_lines<8>(next, j0);
-    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    const int64_t j1 = j0 + kLineWords < words ? j0 + kLineWords : words;
     group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; ++j) {
       uint32_t u[N];
@@ -762,8 +763,8 @@ struct Lanes8 {
     even = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
     odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
   }
-  // eight-lane partial sums of even + odd
-  static F8 partial_sums(F even, F odd) { return F8(_mm256_add_ps(even, odd)); }
+  // the vector as eight lanes
+  static F8 to_f8(F v) { return F8(v); }
   // a block stored even outputs first back to output order, in place
   static void natural_order(float* p) {
     const __m256 even = _mm256_loadu_ps(p);
@@ -792,11 +793,10 @@ struct Lanes16 {
     even = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
     odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
   }
-  static F8 partial_sums(F even, F odd) {
-    const __m512 sum = _mm512_add_ps(even, odd);
+  static F8 to_f8(F v) {
     const __m256 hi = _mm256_castpd_ps(
-        _mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
-    return F8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
+        _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return F8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
   }
   static void natural_order(float* p) {
     const __m512i lo = _mm512_set_epi32(
@@ -822,16 +822,15 @@ inline void accumulate_4bit_even_odd(
     int64_t words,
     const float* v,
     const GroupPrefetch& group_prefetch) {
-  constexpr int64_t kLine = 64 / sizeof(uint32_t);
   constexpr int64_t kWords = V::kCodes / 8;
   constexpr int64_t kHalf = V::kCodes / 2;
   typename V::F vn[N];
   for (int n = 0; n < N; ++n) {
     vn[n] = V::set1(v[n]);
   }
-  for (int64_t j0 = 0; j0 < words; j0 += kLine) {
+  for (int64_t j0 = 0; j0 < words; j0 += kLineWords) {
     prefetch_next_lines<8>(next, j0);
-    const int64_t j1 = j0 + kLine < words ? j0 + kLine : words;
+    const int64_t j1 = j0 + kLineWords < words ? j0 + kLineWords : words;
     group_prefetch(j0, j1 - j0);
     for (int64_t j = j0; j < j1; j += kWords) {
       typename V::F even = V::load(acc + 8 * j);
@@ -1075,7 +1074,6 @@ inline void scaled_dots_4bit(
     int64_t group_size,
     const float* const* scale,
     F8* tot) {
-  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
   const int64_t group_words = group_size / 8;
   typename V::F sum[R];
   for (int r = 0; r < R; ++r) {
@@ -1092,8 +1090,9 @@ inline void scaled_dots_4bit(
     for (int64_t c = 0; c < group_size; c += V::kCodes) {
       const int64_t w = w0 + c / 8;
       if (w % kLineWords == 0) {
-        // here, not in a loop of its own: g++ 12 deleted such a loop of
-        // prefetches (no side effects), which made the GEMV 2x slower
+        // here, not in a loop or helper of its own: g++ 12 deleted a loop
+        // of prefetches (no side effects), which made the GEMV 2x slower,
+        // and deleted them again when this `if` was an inline helper
         prefetch_next_lines<R>(next, w);
       }
       const typename V::F xe = V::load(xg + c);
@@ -1110,7 +1109,7 @@ inline void scaled_dots_4bit(
     }
   }
   for (int r = 0; r < R; ++r) {
-    tot[r] = V::partial_sums(sum[r], V::zero());
+    tot[r] = V::to_f8(sum[r]);
   }
 }
 
@@ -1154,7 +1153,6 @@ void qvmmsp_rows_bits(
   constexpr int kRows = 4;
   constexpr int kPer = 32 / BITS;
   constexpr int kWordsPerVec = 8 / kPer;
-  constexpr int64_t kLineWords = 64 / sizeof(uint32_t);
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
   auto* y = static_cast<typename E::S*>(yv);
