@@ -601,13 +601,14 @@ struct GroupPrefetch {
   const char* own[2] = {nullptr, nullptr};  // nullptr: nothing to fetch
   const char* next[2] = {nullptr, nullptr};
   int64_t bytes_per_word = 0;
+  int64_t own_ahead = 0;  // words ahead of the pass that own is fetched
 
   void operator()(int64_t j0, int64_t words) const {
     const int64_t b0 = j0 * bytes_per_word;
     const int64_t bytes = words * bytes_per_word;
     for (int a = 0; a < 2; ++a) {
       if (own[a] != nullptr) {
-        prefetch_bytes(own[a] + b0, bytes);
+        prefetch_bytes(own[a] + b0 + own_ahead * bytes_per_word, bytes);
       }
       if (next[a] != nullptr) {
         if (j0 == 0) {
@@ -765,6 +766,38 @@ struct Lanes8 {
   }
   // the vector as eight lanes
   static F8 to_f8(F v) { return F8(v); }
+  // the kCodes values at p (of Elem<SDT>) split as codes() splits codes
+  template <int SDT>
+  static void even_odd(const typename Elem<SDT>::S* p, F& even, F& odd) {
+    if constexpr (SDT == F32) {
+      const __m256 lo = _mm256_loadu_ps(p);
+      const __m256 hi = _mm256_loadu_ps(p + 8);
+      // per 128-bit lane lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6, then 64-bit
+      // pairs reordered
+      even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+          _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))),
+          _MM_SHUFFLE(3, 1, 2, 0)));
+      odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+          _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1))),
+          _MM_SHUFFLE(3, 1, 2, 0)));
+    } else {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (SDT == BF16) {
+        even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        odd = _mm256_castsi256_ps(
+            _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      } else {
+        // 32-bit lanes of halves packed to eight halves in the low 128 bits
+        const auto halves = [](__m256i d) {
+          const __m256i w = _mm256_packus_epi32(d, d);
+          return _mm256_castsi256_si128(
+              _mm256_permute4x64_epi64(w, _MM_SHUFFLE(3, 1, 2, 0)));
+        };
+        even = _mm256_cvtph_ps(halves(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF))));
+        odd = _mm256_cvtph_ps(halves(_mm256_srli_epi32(v, 16)));
+      }
+    }
+  }
   // a block stored even outputs first back to output order, in place
   static void natural_order(float* p) {
     const __m256 even = _mm256_loadu_ps(p);
@@ -798,6 +831,29 @@ struct Lanes16 {
         _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return F8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
   }
+  template <int SDT>
+  static void even_odd(const typename Elem<SDT>::S* p, F& even, F& odd) {
+    if constexpr (SDT == F32) {
+      const __m512i e = _mm512_set_epi32(
+          30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i o = _mm512_set_epi32(
+          31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const __m512 lo = _mm512_loadu_ps(p);
+      const __m512 hi = _mm512_loadu_ps(p + 16);
+      even = _mm512_permutex2var_ps(lo, e, hi);
+      odd = _mm512_permutex2var_ps(lo, o, hi);
+    } else {
+      const __m512i v = _mm512_loadu_si512(p);
+      if constexpr (SDT == BF16) {
+        even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        odd = _mm512_castsi512_ps(
+            _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      } else {
+        even = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+        odd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+      }
+    }
+  }
   static void natural_order(float* p) {
     const __m512i lo = _mm512_set_epi32(
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -810,42 +866,6 @@ struct Lanes16 {
   }
 };
 #endif
-
-// The 4-bit form of accumulate_codes_n in vectors V: acc holds each block
-// of V::kCodes outputs even ones first, and natural_order puts them back.
-// Needs words a multiple of V::kCodes / 8.
-template <class V, int N>
-inline void accumulate_4bit_even_odd(
-    float* CHESS_MLX_RESTRICT acc,
-    const uint32_t* const* rows,
-    const uint32_t* const* next,
-    int64_t words,
-    const float* v,
-    const GroupPrefetch& group_prefetch) {
-  constexpr int64_t kWords = V::kCodes / 8;
-  constexpr int64_t kHalf = V::kCodes / 2;
-  typename V::F vn[N];
-  for (int n = 0; n < N; ++n) {
-    vn[n] = V::set1(v[n]);
-  }
-  for (int64_t j0 = 0; j0 < words; j0 += kLineWords) {
-    prefetch_next_lines<8>(next, j0);
-    const int64_t j1 = j0 + kLineWords < words ? j0 + kLineWords : words;
-    group_prefetch(j0, j1 - j0);
-    for (int64_t j = j0; j < j1; j += kWords) {
-      typename V::F even = V::load(acc + 8 * j);
-      typename V::F odd = V::load(acc + 8 * j + kHalf);
-      for (int n = 0; n < N; ++n) {
-        typename V::F ce, co;
-        V::codes(rows[n] + j, ce, co);
-        even = V::fmadd(vn[n], ce, even);
-        odd = V::fmadd(vn[n], co, odd);
-      }
-      V::store(acc + 8 * j, even);
-      V::store(acc + 8 * j + kHalf, odd);
-    }
-  }
-}
 
 // Blocks of V::kCodes outputs stored even ones first back to output order.
 template <class V>
@@ -895,12 +915,251 @@ inline bool with_lanes(int even_odd, Fn fn) {
   return false;
 }
 
+// The rows of one pass (rows[0, n) = kept channels [r, r + n), the rest
+// repeat channel r) and the 16 kept channels after them to prefetch
+// (next[0, 8) into L1, next[8, 16) into L2), each from output column t0.
+inline void pass_rows(
+    const uint32_t* wq,
+    int64_t words_per_row,
+    int64_t word0,
+    const int32_t* idx,
+    int64_t nact,
+    int64_t r,
+    int64_t n,
+    const uint32_t** rows,
+    const uint32_t** next) {
+  for (int i = 0; i < 8; ++i) {
+    const int64_t ahead = r + n + i < nact ? r + n + i : r;
+    const int64_t far = r + n + 8 + i < nact ? r + n + 8 + i : r;
+    rows[i] = wq + idx[i < n ? r + i : r] * words_per_row + word0;
+    next[i] = wq + idx[ahead] * words_per_row + word0;
+    next[8 + i] = wq + idx[far] * words_per_row + word0;
+  }
+}
+
+// One pass of a group in the 4-bit even/odd path: acc (the group's sums so
+// far, unless kFirst) plus the N rows; with kLast, scale * sums + bias * xsum
+// goes straight into yacc instead of back into acc. acc, yacc, and the
+// scales and biases as even_odd reads them, are all in V's block order.
+template <class V, int SDT, int N, bool kFirst, bool kLast>
+inline void group_pass_4bit(
+    float* CHESS_MLX_RESTRICT acc,
+    float* CHESS_MLX_RESTRICT yacc,
+    const uint32_t* const* rows,
+    const uint32_t* const* next,
+    int64_t words,
+    const float* v,
+    const typename Elem<SDT>::S* sg,
+    const typename Elem<SDT>::S* bg,
+    float xsum,
+    const GroupPrefetch& group_prefetch) {
+  using F = typename V::F;
+  constexpr int64_t kWords = V::kCodes / 8;
+  constexpr int64_t kHalf = V::kCodes / 2;
+  F vn[N];
+  for (int n = 0; n < N; ++n) {
+    vn[n] = V::set1(v[n]);
+  }
+  const F xs = V::set1(xsum);
+  for (int64_t j0 = 0; j0 < words; j0 += kLineWords) {
+    prefetch_next_lines<8>(next, j0);
+    const int64_t j1 = j0 + kLineWords < words ? j0 + kLineWords : words;
+    group_prefetch(j0, j1 - j0);
+    for (int64_t j = j0; j < j1; j += kWords) {
+      F even = kFirst ? V::zero() : V::load(acc + 8 * j);
+      F odd = kFirst ? V::zero() : V::load(acc + 8 * j + kHalf);
+      for (int n = 0; n < N; ++n) {
+        F ce, co;
+        V::codes(rows[n] + j, ce, co);
+        even = V::fmadd(vn[n], ce, even);
+        odd = V::fmadd(vn[n], co, odd);
+      }
+      if constexpr (kLast) {
+        F se, so, be, bo;
+        V::template even_odd<SDT>(sg + 8 * j, se, so);
+        V::template even_odd<SDT>(bg + 8 * j, be, bo);
+        float* y = yacc + 8 * j;
+        V::store(y, V::fmadd(se, even, V::fmadd(be, xs, V::load(y))));
+        V::store(y + kHalf, V::fmadd(so, odd, V::fmadd(bo, xs, V::load(y + kHalf))));
+      } else {
+        V::store(acc + 8 * j, even);
+        V::store(acc + 8 * j + kHalf, odd);
+      }
+    }
+  }
+}
+
+// yacc[j] (j < w, output t0 + j) = the 4-bit input-sparse GEMV of the kept
+// channels in vectors V. Sums stay in V's block order until the end: a
+// group's first pass starts from zero and its last adds the scaled sums to
+// yacc, so no pass over the tile per group clears, reorders or scales.
+template <class V, int SDT>
+__attribute__((noinline)) void qspvmm_tile_4bit(
+    const uint32_t* wq,
+    int64_t out,
+    int64_t group_size,
+    const typename Elem<SDT>::S* scales,
+    const typename Elem<SDT>::S* biases,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t nact,
+    int64_t t0,
+    int64_t w,
+    float* CHESS_MLX_RESTRICT yacc) {
+  using S = typename Elem<SDT>::S;
+  alignas(64) float acc[kColTile];
+  const int64_t words_per_row = out / 8;
+  const int64_t words = w / 8;
+  for (int64_t j = 0; j < w; ++j) {
+    yacc[j] = 0.0f;
+  }
+  int64_t k = 0;
+  while (k < nact) {
+    const int64_t g = idx[k] / group_size;
+    const int64_t group_end = (g + 1) * group_size;  // idx ascends
+    int64_t end = k;
+    float xsum = 0.0f;
+    while (end < nact && idx[end] < group_end) {
+      xsum += vals[end];
+      ++end;
+    }
+    const S* sg = scales + g * out + t0;
+    const S* bg = biases + g * out + t0;
+    const uint32_t* rows[8];
+    const uint32_t* next[16];
+    for (int64_t r = k; r < end; r += 8) {
+      const int64_t n = end - r < 8 ? end - r : 8;
+      GroupPrefetch prefetch;
+      prefetch.bytes_per_word = static_cast<int64_t>(8 * sizeof(S));
+      const bool first = r == k;
+      const bool last = r + 8 >= end;
+      // the last pass reads the group's scales and biases: into L1 during
+      // the pass before, or a line of codes ahead in a group of one pass
+      if (first && last) {
+        prefetch.own_ahead = kLineWords;
+      }
+      if ((first && last) || (!last && r + 16 >= end)) {
+        prefetch.own[0] = reinterpret_cast<const char*>(sg);
+        prefetch.own[1] = reinterpret_cast<const char*>(bg);
+      }
+      if (first && end < nact) {
+        const int64_t g1 = idx[end] / group_size;
+        prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
+        prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
+      }
+      pass_rows(wq, words_per_row, t0 / 8, idx, nact, r, n, rows, next);
+      with_row_count(n, [&](auto rows_n) {
+        constexpr int N = decltype(rows_n)::value;
+        const auto pass = [&](auto kFirst, auto kLast) {
+          group_pass_4bit<V, SDT, N, decltype(kFirst)::value, decltype(kLast)::value>(
+              acc, yacc, rows, next, words, vals + r, sg, bg, xsum, prefetch);
+        };
+        if (first && last) {
+          pass(std::true_type{}, std::true_type{});
+        } else if (first) {
+          pass(std::true_type{}, std::false_type{});
+        } else if (last) {
+          pass(std::false_type{}, std::true_type{});
+        } else {
+          pass(std::false_type{}, std::false_type{});
+        }
+      });
+    }
+    k = end;
+  }
+  natural_order<V>(yacc, w);
+}
+
+// yacc[j] (j < w, output t0 + j) = the input-sparse GEMV of the kept
+// channels, for any bit width in plain loops: per group g,
+// scale * (sum_i v_i code_i) + bias * (sum_i v_i).
+template <int SDT, int BITS>
+void qspvmm_tile_codes(
+    const uint32_t* wq,
+    int64_t out,
+    int64_t group_size,
+    const typename Elem<SDT>::S* scales,
+    const typename Elem<SDT>::S* biases,
+    const int32_t* CHESS_MLX_RESTRICT idx,
+    const float* CHESS_MLX_RESTRICT vals,
+    int64_t nact,
+    int64_t t0,
+    int64_t w,
+    float* CHESS_MLX_RESTRICT yacc) {
+  using SE = Elem<SDT>;
+  using S = typename SE::S;
+  constexpr int kPer = 32 / BITS;
+  const int64_t words_per_row = out / kPer;
+  const int64_t words = w / kPer;
+  alignas(64) float acc[kColTile];
+  // float16 scales and biases of a group, converted once for its outputs
+  // (a bfloat16 one converts with a shift, in the loop below)
+  constexpr int64_t kConverted = SDT == F16 ? kColTile : 1;
+  alignas(64) float sconv[kConverted];
+  alignas(64) float bconv[kConverted];
+  for (int64_t j = 0; j < w; ++j) {
+    yacc[j] = 0.0f;
+  }
+  int64_t k = 0;
+  while (k < nact) {
+    const int64_t g = idx[k] / group_size;
+    const int64_t group_end = (g + 1) * group_size;  // idx ascends
+    int64_t end = k;
+    float xsum = 0.0f;
+    while (end < nact && idx[end] < group_end) {
+      xsum += vals[end];
+      ++end;
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] = 0.0f;
+    }
+    const S* sg = scales + g * out + t0;
+    const S* bg = biases + g * out + t0;
+    const uint32_t* rows[8];
+    const uint32_t* next[16];
+    for (int64_t r = k; r < end; r += 8) {
+      const int64_t n = end - r < 8 ? end - r : 8;
+      GroupPrefetch prefetch;
+      prefetch.bytes_per_word = static_cast<int64_t>(kPer * sizeof(S));
+      if (r + 8 >= end) {
+        prefetch.own[0] = reinterpret_cast<const char*>(sg);
+        prefetch.own[1] = reinterpret_cast<const char*>(bg);
+      }
+      if (r == k && end < nact) {
+        const int64_t g1 = idx[end] / group_size;
+        prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
+        prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
+      }
+      pass_rows(wq, words_per_row, t0 / kPer, idx, nact, r, n, rows, next);
+      with_row_count(n, [&](auto rows_n) {
+        constexpr int N = decltype(rows_n)::value;
+        if constexpr (N == 8) {
+          accumulate_codes8<BITS>(acc, rows, next, words, vals + r, prefetch);
+        } else {
+          accumulate_codes_n<BITS, N>(acc, rows, next, words, vals + r, prefetch);
+        }
+      });
+    }
+    if constexpr (SDT == F16) {
+      to_f32<SDT>(sg, w, sconv);
+      to_f32<SDT>(bg, w, bconv);
+      for (int64_t j = 0; j < w; ++j) {
+        yacc[j] += sconv[j] * acc[j] + bconv[j] * xsum;
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        yacc[j] += SE::load(sg[j]) * acc[j] + SE::load(bg[j]) * xsum;
+      }
+    }
+    k = end;
+  }
+}
+
 // y[o] = sum over kept channels i of vals * (scale[g(i), o] * code[i, o] +
-// bias[g(i), o]) for o in [o0, o1), computed per group g as
-// scale * (sum_i v_i code_i) + bias * (sum_i v_i). A group's scales and
-// biases are read only if one of its channels is kept. Scales and biases
-// are of SDT, y of DT; with kPartial y is float32 (a split-K share, summed
-// later) whatever DT is.
+// bias[g(i), o]) for o in [o0, o1), a tile of outputs at a time. A group's
+// scales and biases are read only if one of its channels is kept. Scales
+// and biases are of SDT, y of DT; with kPartial y is float32 (a split-K
+// share, summed later) whatever DT is.
 template <int DT, int SDT, int BITS, bool kPartial>
 void qspvmm_cols_bits(
     const uint32_t* wq,
@@ -914,99 +1173,26 @@ void qspvmm_cols_bits(
     int64_t o0,
     int64_t o1,
     void* yv) {
-  using E = Elem<DT>;
-  using SE = Elem<SDT>;
-  using S = typename SE::S;
-  constexpr int kPer = 32 / BITS;
+  using S = typename Elem<SDT>::S;
   const S* scales = static_cast<const S*>(scales_v);
   const S* biases = static_cast<const S*>(biases_v);
-  const int64_t words_per_row = out / kPer;
   alignas(64) float yacc[kColTile];
-  alignas(64) float acc[kColTile];
-  // float16 scales and biases of a group, converted once for its outputs
-  // (a bfloat16 one converts with a shift, in the loop below)
-  constexpr int64_t kConverted = SDT == F16 ? kColTile : 1;
-  alignas(64) float sconv[kConverted];
-  alignas(64) float bconv[kConverted];
   for (int64_t t0 = o0; t0 < o1; t0 += kColTile) {
     const int64_t w = (o1 - t0) < kColTile ? (o1 - t0) : kColTile;
-    const int64_t words = w / kPer;
-    const int even_odd = even_odd_block(BITS, w);
-    for (int64_t j = 0; j < w; ++j) {
-      yacc[j] = 0.0f;
-    }
-    int64_t k = 0;
-    while (k < nact) {
-      const int64_t g = idx[k] / group_size;
-      const int64_t group_end = (g + 1) * group_size;  // idx ascends
-      int64_t end = k;
-      float xsum = 0.0f;
-      while (end < nact && idx[end] < group_end) {
-        xsum += vals[end];
-        ++end;
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        acc[j] = 0.0f;
-      }
-      const S* sg = scales + g * out + t0;
-      const S* bg = biases + g * out + t0;
-      const uint32_t* rows[8];
-      const uint32_t* next[16];
-      for (int64_t r = k; r < end; r += 8) {
-        const int64_t n = end - r < 8 ? end - r : 8;
-        GroupPrefetch prefetch;
-        prefetch.bytes_per_word = static_cast<int64_t>(kPer * sizeof(S));
-        if (r + 8 >= end) {
-          prefetch.own[0] = reinterpret_cast<const char*>(sg);
-          prefetch.own[1] = reinterpret_cast<const char*>(bg);
-        }
-        if (r == k && end < nact) {
-          const int64_t g1 = idx[end] / group_size;
-          prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
-          prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
-        }
-        for (int i = 0; i < 8; ++i) {
-          const int64_t ahead = r + n + i < nact ? r + n + i : r;
-          rows[i] = wq + idx[i < n ? r + i : r] * words_per_row + t0 / kPer;
-          next[i] = wq + idx[ahead] * words_per_row + t0 / kPer;
-          const int64_t far = r + n + 8 + i < nact ? r + n + 8 + i : r;
-          next[8 + i] = wq + idx[far] * words_per_row + t0 / kPer;
-        }
-        with_row_count(n, [&](auto rows_n) {
-          constexpr int N = decltype(rows_n)::value;
-          if (with_lanes(even_odd, [&](auto lanes) {
-                accumulate_4bit_even_odd<decltype(lanes), N>(
-                    acc, rows, next, words, vals + r, prefetch);
-              })) {
-            return;
-          }
-          if constexpr (N == 8) {
-            accumulate_codes8<BITS>(acc, rows, next, words, vals + r, prefetch);
-          } else {
-            accumulate_codes_n<BITS, N>(acc, rows, next, words, vals + r, prefetch);
-          }
-        });
-      }
-      with_lanes(even_odd, [&](auto lanes) { natural_order<decltype(lanes)>(acc, w); });
-      if constexpr (SDT == F16) {
-        to_f32<SDT>(sg, w, sconv);
-        to_f32<SDT>(bg, w, bconv);
-        for (int64_t j = 0; j < w; ++j) {
-          yacc[j] += sconv[j] * acc[j] + bconv[j] * xsum;
-        }
-      } else {
-        for (int64_t j = 0; j < w; ++j) {
-          yacc[j] += SE::load(sg[j]) * acc[j] + SE::load(bg[j]) * xsum;
-        }
-      }
-      k = end;
+    const bool vectors = with_lanes(even_odd_block(BITS, w), [&](auto lanes) {
+      qspvmm_tile_4bit<decltype(lanes), SDT>(
+          wq, out, group_size, scales, biases, idx, vals, nact, t0, w, yacc);
+    });
+    if (!vectors) {
+      qspvmm_tile_codes<SDT, BITS>(
+          wq, out, group_size, scales, biases, idx, vals, nact, t0, w, yacc);
     }
     if constexpr (kPartial) {
       std::memcpy(static_cast<float*>(yv) + t0, yacc, w * sizeof(float));
     } else {
-      auto* y = static_cast<typename E::S*>(yv);
+      auto* y = static_cast<typename Elem<DT>::S*>(yv);
       for (int64_t j = 0; j < w; ++j) {
-        y[t0 + j] = E::store(yacc[j]);
+        y[t0 + j] = Elem<DT>::store(yacc[j]);
       }
     }
   }
