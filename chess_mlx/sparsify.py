@@ -208,11 +208,18 @@ def add_bias(y: mx.array, linear: nn.Module) -> mx.array:
     return y + linear.bias if "bias" in linear else y
 
 
+def rows_like(y: mx.array, x: mx.array) -> mx.array:
+    """``y`` shaped ``(*x.shape[:-1], -1)``. Kernel outputs mostly are
+    already, and MLX adds a graph node even for a reshape to the same shape
+    (a decode step of the default model had 150 of them)."""
+    return y if y.shape[:-1] == x.shape[:-1] else y.reshape(*x.shape[:-1], -1)
+
+
 def dense_gemv(kernels: "DecodeKernels", x: mx.array, layer: nn.Module) -> mx.array:
     """``layer`` applied to one token on its stock ``[out, in]`` layout: the
     output GEMV with a gate of ones and nothing dropped (exact: 1 * dot)."""
     gate = ones(layer.weight.shape[0], x.dtype)
-    return out_gemv(kernels, x, layer, gate, 0.0).reshape(*x.shape[:-1], -1)
+    return rows_like(out_gemv(kernels, x, layer, gate, 0.0), x)
 
 
 @functools.lru_cache(maxsize=8)
@@ -318,7 +325,7 @@ class SparseHeadEmbedding(nn.Module):
         if self._tracker is not None:
             self._tracker.add(self._name, keep_mask(x, self.tau))
         if "wt" in self and is_decode(x):
-            return self._kernels.sparse_in_gemv(x, self.wt, self.tau).reshape(*x.shape[:-1], -1)
+            return rows_like(self._kernels.sparse_in_gemv(x, self.wt, self.tau), x)
         x = mx.where(keep_mask(x, self.tau), x, 0)
         if "wt" in self:
             return x @ self.wt
@@ -440,7 +447,6 @@ class SparseMLP(nn.Module):
 
     def _decode(self, x: mx.array) -> mx.array:
         gate_proj, up, down = self.dense.gate_proj, self.dense.up_proj, self.dense.down_proj
-        shape = (*x.shape[:-1], -1)
         if self.tau_in is None:
             gate = self._decode_activation(gate_proj(x))
         else:
@@ -451,11 +457,11 @@ class SparseMLP(nn.Module):
             hidden = out_gemv(self._kernels, x, up, gate, self.tau)
         else:
             up_out = up(x) if self.tau_in is None else add_bias(up.sparse_gemv(self._kernels, x, self.tau_in), up)
-            hidden = self._masked_gate(gate.reshape(shape)) * up_out.reshape(shape)
+            hidden = self._masked_gate(rows_like(gate, x)) * rows_like(up_out, x)
         if self.tau_down is not None:
             self._track_decode("down_in", hidden, self.tau_down)
         y = down.sparse_gemv(self._kernels, hidden, self._tau_down_kernel)
-        return add_bias(y, down).reshape(shape)
+        return rows_like(add_bias(y, down), x)
 
     def restore(self) -> nn.Module:
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -481,7 +487,7 @@ class InputSparseLinear(nn.Module):
             self._tracker.add(self._name, keep_mask(x, self.tau))
         if self._kernels is not None and is_decode(x):
             y = self.dense.sparse_gemv(self._kernels, x, self.tau)
-            return add_bias(y, self.dense).reshape(*x.shape[:-1], -1)
+            return rows_like(add_bias(y, self.dense), x)
         return self.dense(mx.where(keep_mask(x, self.tau), x, 0))
 
     def restore(self) -> nn.Module:

@@ -6,7 +6,7 @@ from conftest import random_windows
 
 from chess_mlx.calibrate import calibrate
 from chess_mlx.errors import ChessError
-from chess_mlx.sparsify import InputSparseLinear, SparseMLP, sparsify, track_sparsity, unsparsify
+from chess_mlx.sparsify import InputSparseLinear, SparseMLP, rows_like, sparsify, track_sparsity, unsparsify
 
 TOKENS = mx.array(random_windows(1, 24, seed=3))
 
@@ -128,3 +128,12 @@ def test_unknown_method_and_model_type(calibrated):
     model.model_type = "mamba"
     with pytest.raises(ChessError, match="unsupported model type 'mamba'"):
         sparsify(model, thresholds, "chess", 0.5)
+
+
+def test_rows_like_adds_no_graph_node_for_a_matching_shape():
+    x = mx.zeros((1, 1, 6))
+    y = mx.arange(4.0).reshape(1, 1, 4)
+    assert rows_like(y, x) is y
+    flat = mx.arange(4.0)
+    shaped = rows_like(flat, x)
+    assert shaped.shape == (1, 1, 4) and mx.array_equal(shaped.reshape(-1), flat)
