@@ -11,6 +11,11 @@ its own mask, and the copies run together, as one step's layers do. Prints
 microseconds per call with every channel kept, half kept at random, and
 none, and half over all. The weights sit on huge pages where decode puts
 them (``CHESS_MLX_HUGE_PAGES=0``: not). Run it on an otherwise idle machine.
+
+``--pattern`` places the kept half: ``random`` (each channel on its own, as
+CHESS's per-channel thresholds keep them), ``runs`` (random runs of
+``--run-length`` neighbouring channels) or ``first`` (the first half): the
+same bytes in longer contiguous pieces, to see what scattered rows cost.
 """
 
 import argparse
@@ -26,6 +31,21 @@ from chess_mlx.utils import DTYPES
 from chess_mlx.sparsify import out_gemv, weights_to_huge_pages
 
 KEPT = (1.0, 0.5, 0.0)
+PATTERNS = ("random", "runs", "first")
+
+
+def kept_channels(n: int, kept: float, pattern: str, run_length: int, seed: int) -> mx.array:
+    """:func:`kept_vector` with the kept channels placed by ``pattern``."""
+    if pattern == "random" or kept in (0.0, 1.0):
+        return kept_vector(n, kept, seed)
+    values = np.abs(np.array(kept_vector(n, 0.0, seed)))
+    if pattern == "first":
+        values[: round(kept * n)] += 1.0
+    else:
+        runs = np.random.default_rng(seed).permutation(n // run_length)[: round(kept * n / run_length)]
+        for r in runs:
+            values[r * run_length : (r + 1) * run_length] += 1.0
+    return mx.array(values.astype(np.float32))
 
 
 def quantized_layers(n_in: int, n_out: int, copies: int, quantization: Quantization) -> list:
@@ -53,20 +73,27 @@ def main():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--scales-dtype", choices=list(DTYPES), default="float32",
                         help="Dtype of scales and biases (activations stay float32)")
+    parser.add_argument("--pattern", choices=PATTERNS, default="random",
+                        help="Where the kept half lies (default: random channels)")
+    parser.add_argument("--run-length", type=int, default=8, help="Channels per run with --pattern runs")
     args = parser.parse_args()
+    if args.run_length < 1:
+        parser.error(f"--run-length must be at least 1, got {args.run_length}")
     n_in, n_out = args.shape
     quantization = Quantization(args.bits, args.group_size, args.scales_dtype)
     layers = quantized_layers(n_in, n_out, args.copies, quantization)
     if args.out:
         x = kept_vector(n_in, 1.0)[None]
-        masks = {k: [kept_vector(n_out, k, seed=i) for i in range(args.copies)] for k in KEPT}
+        masks = {k: [kept_channels(n_out, k, args.pattern, args.run_length, i) for i in range(args.copies)]
+                 for k in KEPT}
 
         def call(layer, gate):
             return out_gemv(cpu_kernels, x, layer, gate, 1.0)
     else:
         layers = [QuantizedInputMajorLinear(layer) for layer in layers]
         mx.eval([layer.parameters() for layer in layers])
-        masks = {k: [kept_vector(n_in, k, seed=i)[None] for i in range(args.copies)] for k in KEPT}
+        masks = {k: [kept_channels(n_in, k, args.pattern, args.run_length, i)[None] for i in range(args.copies)]
+                 for k in KEPT}
 
         def call(layer, x):
             return layer.sparse_gemv(cpu_kernels, x, 1.0)
