@@ -937,6 +937,57 @@ inline void pass_rows(
   }
 }
 
+// The end of kept channel k's run in its group (idx ascends), with the sum
+// of the run's values in xsum.
+inline int64_t group_run_end(
+    const int32_t* idx,
+    const float* vals,
+    int64_t nact,
+    int64_t k,
+    int64_t group_size,
+    float& xsum) {
+  const int64_t group_end = (idx[k] / group_size + 1) * group_size;
+  int64_t end = k;
+  xsum = 0.0f;
+  while (end < nact && idx[end] < group_end) {
+    xsum += vals[end];
+    ++end;
+  }
+  return end;
+}
+
+// A pass's prefetches of scales and biases (see GroupPrefetch): the group's
+// own (sg, bg) with `own`; with `first`, those of the group of kept channel
+// `end`, the next run's, if there is one.
+template <class S>
+inline GroupPrefetch scale_prefetch(
+    const S* scales,
+    const S* biases,
+    const S* sg,
+    const S* bg,
+    int64_t out,
+    int64_t t0,
+    int64_t group_size,
+    const int32_t* idx,
+    int64_t nact,
+    int64_t end,
+    int64_t bytes_per_word,
+    bool own,
+    bool first) {
+  GroupPrefetch prefetch;
+  prefetch.bytes_per_word = bytes_per_word;
+  if (own) {
+    prefetch.own[0] = reinterpret_cast<const char*>(sg);
+    prefetch.own[1] = reinterpret_cast<const char*>(bg);
+  }
+  if (first && end < nact) {
+    const int64_t g1 = idx[end] / group_size;
+    prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
+    prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
+  }
+  return prefetch;
+}
+
 // One pass of a group in the 4-bit even/odd path: acc (the group's sums so
 // far, unless kFirst) plus the N rows; with kLast, scale * sums + bias * xsum
 // goes straight into yacc instead of back into acc. acc, yacc, and the
@@ -1015,37 +1066,25 @@ __attribute__((noinline)) void qspvmm_tile_4bit(
   }
   int64_t k = 0;
   while (k < nact) {
+    float xsum;
+    const int64_t end = group_run_end(idx, vals, nact, k, group_size, xsum);
     const int64_t g = idx[k] / group_size;
-    const int64_t group_end = (g + 1) * group_size;  // idx ascends
-    int64_t end = k;
-    float xsum = 0.0f;
-    while (end < nact && idx[end] < group_end) {
-      xsum += vals[end];
-      ++end;
-    }
     const S* sg = scales + g * out + t0;
     const S* bg = biases + g * out + t0;
     const uint32_t* rows[8];
     const uint32_t* next[16];
     for (int64_t r = k; r < end; r += 8) {
       const int64_t n = end - r < 8 ? end - r : 8;
-      GroupPrefetch prefetch;
-      prefetch.bytes_per_word = static_cast<int64_t>(8 * sizeof(S));
       const bool first = r == k;
       const bool last = r + 8 >= end;
       // the last pass reads the group's scales and biases: into L1 during
       // the pass before, or a line of codes ahead in a group of one pass
+      GroupPrefetch prefetch = scale_prefetch(
+          scales, biases, sg, bg, out, t0, group_size, idx, nact, end,
+          static_cast<int64_t>(8 * sizeof(S)),
+          (first && last) || (!last && r + 16 >= end), first);
       if (first && last) {
         prefetch.own_ahead = kLineWords;
-      }
-      if ((first && last) || (!last && r + 16 >= end)) {
-        prefetch.own[0] = reinterpret_cast<const char*>(sg);
-        prefetch.own[1] = reinterpret_cast<const char*>(bg);
-      }
-      if (first && end < nact) {
-        const int64_t g1 = idx[end] / group_size;
-        prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
-        prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
       }
       pass_rows(wq, words_per_row, t0 / 8, idx, nact, r, n, rows, next);
       with_row_count(n, [&](auto rows_n) {
@@ -1102,34 +1141,21 @@ void qspvmm_tile_codes(
   }
   int64_t k = 0;
   while (k < nact) {
-    const int64_t g = idx[k] / group_size;
-    const int64_t group_end = (g + 1) * group_size;  // idx ascends
-    int64_t end = k;
-    float xsum = 0.0f;
-    while (end < nact && idx[end] < group_end) {
-      xsum += vals[end];
-      ++end;
-    }
+    float xsum;
+    const int64_t end = group_run_end(idx, vals, nact, k, group_size, xsum);
     for (int64_t j = 0; j < w; ++j) {
       acc[j] = 0.0f;
     }
+    const int64_t g = idx[k] / group_size;
     const S* sg = scales + g * out + t0;
     const S* bg = biases + g * out + t0;
     const uint32_t* rows[8];
     const uint32_t* next[16];
     for (int64_t r = k; r < end; r += 8) {
       const int64_t n = end - r < 8 ? end - r : 8;
-      GroupPrefetch prefetch;
-      prefetch.bytes_per_word = static_cast<int64_t>(kPer * sizeof(S));
-      if (r + 8 >= end) {
-        prefetch.own[0] = reinterpret_cast<const char*>(sg);
-        prefetch.own[1] = reinterpret_cast<const char*>(bg);
-      }
-      if (r == k && end < nact) {
-        const int64_t g1 = idx[end] / group_size;
-        prefetch.next[0] = reinterpret_cast<const char*>(scales + g1 * out + t0);
-        prefetch.next[1] = reinterpret_cast<const char*>(biases + g1 * out + t0);
-      }
+      const GroupPrefetch prefetch = scale_prefetch(
+          scales, biases, sg, bg, out, t0, group_size, idx, nact, end,
+          static_cast<int64_t>(kPer * sizeof(S)), r + 8 >= end, r == k);
       pass_rows(wq, words_per_row, t0 / kPer, idx, nact, r, n, rows, next);
       with_row_count(n, [&](auto rows_n) {
         constexpr int N = decltype(rows_n)::value;
