@@ -76,6 +76,8 @@ class SparsityTracker:
 # Dropped gate channels leave exact zeros in down_proj's input; this threshold
 # drops exactly those (and float32 subnormals, whose products are negligible).
 NONZERO = float(np.finfo(np.float32).tiny)
+# An input-sparse GEMV threshold that keeps every channel (|x| >= 0).
+KEEP_ALL = 0.0
 
 
 class DecodeKernels(Protocol):
@@ -252,10 +254,11 @@ class KernelHeadEmbedding(nn.Module):
 
 class KernelLinear(nn.Module):
     """A linear layer (float or quantized) that is not sparsified, decoding
-    one token through the kernels with nothing dropped. It keeps its stock
-    ``[out, in]`` layout and runs the output GEMV, which reads dense rows at
-    least as fast as the input-sparse GEMV reads a re-layout (CPU, 1B and
-    SmolLM2 shapes, float and 4/8-bit). Prompts go to the layer."""
+    one token through the kernels with nothing dropped. Mostly it keeps its
+    stock ``[out, in]`` layout and runs the output GEMV; quantized layers
+    with short rows (see :func:`dense_input_major`) are re-laid input-major
+    and run the input-sparse GEMV keeping every channel. Prompts go to the
+    layer."""
 
     def __init__(self, linear: nn.Module, kernels: "DecodeKernels"):
         super().__init__()
@@ -265,15 +268,33 @@ class KernelLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if not is_decode(x):
             return self.dense(x)
-        return add_bias(dense_gemv(self._kernels, x, self.dense), self.dense)
+        if isinstance(self.dense, INPUT_MAJOR):
+            y = rows_like(self.dense.sparse_gemv(self._kernels, x, KEEP_ALL), x)
+        else:
+            y = dense_gemv(self._kernels, x, self.dense)
+        return add_bias(y, self.dense)
 
     def restore(self) -> nn.Module:
-        return self.dense
+        return stock_layout(self.dense)
+
+
+def dense_input_major(linear: nn.Module, kernels: "DecodeKernels") -> bool:
+    """Whether ``kernels`` read an unsparsified ``linear`` faster re-laid
+    input-major: quantized, with at most ``kernels.DENSE_INPUT_MAJOR_MAX_IN``
+    inputs (the CPU extension's measured bound; other kernels: never)."""
+    max_in = getattr(kernels, "DENSE_INPUT_MAJOR_MAX_IN", 0)
+    return (
+        relayout_ready(linear)
+        and kernel_ready(linear, kernels)
+        and linear.weight.shape[1] * 32 // linear.bits <= max_in
+    )
 
 
 def kernel_linear(linear: nn.Module, kernels: "DecodeKernels") -> nn.Module:
     """``linear`` decoding through :class:`KernelLinear` where the kernels read
     its layout; otherwise (e.g. 2-bit) unchanged, on MLX's own matmul."""
+    if dense_input_major(linear, kernels):
+        return KernelLinear(input_major(linear), kernels)
     if type(linear) in (nn.Linear, nn.QuantizedLinear) and out_gemv_ready(linear, kernels):
         return KernelLinear(linear, kernels)
     return linear

@@ -23,7 +23,7 @@ from chess_mlx.quantized import (
     relayout_ready,
     unpack_codes,
 )
-from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, sparsify, unsparsify
+from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, dense_input_major, sparsify, unsparsify
 
 if not ck.module_present():
     pytest.skip("compiled module chess_mlx._cpu_kernels not built", allow_module_level=True)
@@ -217,6 +217,7 @@ def test_half_scales_are_exact_and_kept_only_where_exact():
     sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
     reference_tokens, reference = greedy_tokens(model, prompt, 6)
     unsparsify(model)
+    gate = model.layers[0].mlp.gate_proj  # a re-laid layer comes back as a new one
     embed_bytes = (embed.scales.nbytes + embed.biases.nbytes) // 2
     assert half_scales(model) == sum(a.nbytes for a in stock_gate[1:]) // 2 * 3 * len(model.layers) + embed_bytes
     assert gate.scales.dtype == gate.biases.dtype == mx.bfloat16
@@ -233,10 +234,15 @@ def test_half_scales_are_exact_and_kept_only_where_exact():
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["stock", "input-major"])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_unsparsified_quantized_projections_keep_their_stock_layout(group_size):
-    """Every group size decodes on the stock layout, gives the reference
-    path's tokens and restores bit for bit."""
+def test_unsparsified_quantized_projections_decode_and_restore_exactly(group_size, layout, monkeypatch):
+    """Unsparsified projections decode on their stock layout (the output
+    GEMV) or, with rows as short as the tiny model's, re-laid input-major;
+    either way, for every group size, they give the reference path's tokens
+    and restore bit for bit."""
+    if layout == "stock":
+        monkeypatch.setattr(ck, "DENSE_INPUT_MAJOR_MAX_IN", 0)
     mx.random.seed(3)
     model = tiny_llama()
     thresholds = calibrate(model, random_windows(), [0.5], progress=False)
@@ -250,7 +256,7 @@ def test_unsparsified_quantized_projections_keep_their_stock_layout(group_size):
     sparsify(model, thresholds, "chess+", 0.5, kernels=ck)
     gate = model.layers[0].mlp.dense.gate_proj
     assert isinstance(gate, KernelLinear)
-    assert type(gate.dense) is nn.QuantizedLinear
+    assert type(gate.dense) is (nn.QuantizedLinear if layout == "stock" else QuantizedInputMajorLinear)
     tokens, result = greedy_tokens(model, prompt, 6)
     unsparsify(model)
     restored = model.layers[0].mlp.gate_proj
@@ -290,3 +296,13 @@ def test_each_kernel_copy_matches_reference(isa):
     )
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_dense_input_major_only_for_short_quantized_rows(monkeypatch):
+    linear = nn.Linear(64, 32)
+    quantized = nn.QuantizedLinear(64, 32, group_size=32, bits=4)
+    monkeypatch.setattr(ck, "DENSE_INPUT_MAJOR_MAX_IN", 64)
+    assert dense_input_major(quantized, ck) and not dense_input_major(linear, ck)
+    monkeypatch.setattr(ck, "DENSE_INPUT_MAJOR_MAX_IN", 63)
+    assert not dense_input_major(quantized, ck)
+    assert not dense_input_major(quantized, object())  # kernels without the bound: never
