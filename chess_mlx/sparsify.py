@@ -76,7 +76,8 @@ class SparsityTracker:
 # Dropped gate channels leave exact zeros in down_proj's input; this threshold
 # drops exactly those (and float32 subnormals, whose products are negligible).
 NONZERO = float(np.finfo(np.float32).tiny)
-# An input-sparse GEMV threshold that keeps every channel (|x| >= 0).
+# An input-sparse GEMV threshold that keeps every channel (|x| >= 0; a NaN
+# input is dropped, as on the sparse paths, not propagated).
 KEEP_ALL = 0.0
 
 
