@@ -114,9 +114,9 @@ def _require():
 # through the input-sparse GEMV on the input-major re-layout, keeping every
 # channel, instead of the output GEMV on their own layout: with rows this
 # short the output GEMV's work per row and group dominates. Session 16, dense,
-# 4-bit: 576-input layers of the default model took 0.59-0.86 of the output
-# GEMV's time that way, 2048-input ones 0.93-1.02 (not measured in between).
-DENSE_INPUT_MAJOR_MAX_IN = 1024
+# 4-bit, input-major time over the output GEMV's: 576 inputs (the default
+# model) 0.68-0.86, 896 0.72, 1024 0.87, 1536 0.88, 2048 0.93-1.02.
+DENSE_INPUT_MAJOR_MAX_IN = 1536
 
 Threshold = Union[float, int, mx.array]
 Stream = Union[None, mx.Stream, mx.Device]
