@@ -50,7 +50,7 @@ from .costs import (Shapes, layers_speedup, model_params, planned_head_sparsity,
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, half_scales
 from .sparsify import (
-    configurations, default_kernels, huge_pages_enabled, kernel_backend, lm_head, model_layers, out_gemv,
+    configurations, decode_dense, default_kernels, huge_pages_enabled, kernel_backend, lm_head, model_layers, out_gemv,
     parse_methods, shared_relayouts, sparsify, target_label, track_sparsity, unsparsify, weights_to_huge_pages,
 )
 from .thresholds import Thresholds, check_destination, linear_dims, load_thresholds
@@ -119,7 +119,7 @@ def apply_config(model: nn.Module, thresholds: Thresholds, config: Config, kerne
     if config.method == STOCK:
         unsparsify(model)
     elif config.method == DENSE:
-        sparsify(model, thresholds, "chess", 0.0, kernels)  # zero thresholds: the kernels keep everything
+        decode_dense(model, kernels)
     else:
         sparsify(model, thresholds, config.method, config.setting, kernels)
     mx.eval(model.parameters())  # the input-major re-layout happens here, not in the timing

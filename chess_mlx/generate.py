@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .blas import reexec_with_openblas
 from .errors import ChessError
-from .sparsify import METHODS, format_sparsity, kernel_backend, sparsify, track_sparsity
+from .sparsify import METHODS, decode_dense, format_sparsity, kernel_backend, sparsify, track_sparsity
 from .utils import add_model_args, cli_errors, load_from_args, resolve_thresholds
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -70,13 +70,15 @@ def main(argv=None):
         thresholds = resolve_thresholds(model, args.thresholds, [args.method])
         if thresholds is not None:
             sparsify(model, thresholds, args.method, setting)
+        else:  # dense: the kernels with nothing dropped, the baseline the methods save against
+            decode_dense(model)
         prompt = build_prompt(tokenizer, args)
         sampler = make_sampler(args.temp, args.top_p)
 
         if args.verbose:
             target = f"speed-up {setting:g}x" if args.method == "alloc" else f"sparsity {setting:g}"
-            print(f"Model: {name} | method {args.method}, {target} | "
-                  f"decode: {kernel_backend(model)}")
+            method = "method dense" if args.method == "dense" else f"method {args.method}, {target}"
+            print(f"Model: {name} | {method} | decode: {kernel_backend(model)}")
             print("=" * 10)
         text, response = [], None
         with track_sparsity(model) as tracker:

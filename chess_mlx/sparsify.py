@@ -629,8 +629,37 @@ def sparsify(
         return model
     if kernels == "auto":
         kernels = default_kernels()
+    plans = thresholds.layer_thresholds(method, sparsity)
+    return patch_layers(model, layers, plans, thresholds.head_threshold(method, sparsity), kernels)
+
+
+def decode_dense(model: nn.Module, kernels: Optional[DecodeKernels] = "auto") -> nn.Module:
+    """Patch ``model`` in place to decode through ``kernels`` with nothing
+    dropped (every threshold 0, as the benchmark's dense path); returns it.
+    Needs no thresholds. Without kernels the model stays as loaded, on
+    MLX's own ops, which on a CPU decode quantized models many times slower."""
+    from .thresholds import LayerThresholds
+
+    layers = model_layers(model)
+    unsparsify(model)
+    if kernels == "auto":
+        kernels = default_kernels()
+    if kernels is None:
+        return model
+    plans = [LayerThresholds(gate=mx.zeros((1,))) for _ in layers]
+    return patch_layers(model, layers, plans, None, kernels)
+
+
+def patch_layers(
+    model: nn.Module,
+    layers: list,
+    plans: Sequence["LayerThresholds"],
+    head_tau: Optional[mx.array],
+    kernels: Optional[DecodeKernels],
+) -> nn.Module:
+    """:func:`sparsify`'s patching, one plan per layer."""
     activation = ACTIVATIONS[model.model_type]
-    for i, (layer, plan) in enumerate(zip(layers, thresholds.layer_thresholds(method, sparsity))):
+    for i, (layer, plan) in enumerate(zip(layers, plans)):
         if plan.mlp:
             layer.mlp = SparseMLP(layer.mlp, activation, plan, f"layers.{i}", kernels)
         attn = layer.self_attn
@@ -645,7 +674,6 @@ def sparsify(
                     setattr(attn, proj, kernel_linear(module, kernels))
     if kernels is not None and decode_ops.ready(kernels):
         decode_ops.patch(model, layers, kernels)
-    head_tau = thresholds.head_threshold(method, sparsity)
     if head_tau is not None:
         sparsify_lm_head(model, head_tau, kernels)
     elif kernels is not None:

@@ -23,7 +23,9 @@ from chess_mlx.quantized import (
     relayout_ready,
     unpack_codes,
 )
-from chess_mlx.sparsify import KernelHeadEmbedding, KernelLinear, dense_input_major, sparsify, unsparsify
+from chess_mlx.sparsify import (
+    KernelHeadEmbedding, KernelLinear, SparseMLP, decode_dense, dense_input_major, sparsify, unsparsify,
+)
 
 if not ck.module_present():
     pytest.skip("compiled module chess_mlx._cpu_kernels not built", allow_module_level=True)
@@ -306,3 +308,21 @@ def test_dense_input_major_only_for_short_quantized_rows(monkeypatch):
     monkeypatch.setattr(ck, "DENSE_INPUT_MAJOR_MAX_IN", 63)
     assert not dense_input_major(quantized, ck)
     assert not dense_input_major(quantized, object())  # kernels without the bound: never
+
+
+def test_decode_dense_runs_the_kernels_and_keeps_every_token(quantized_llama):
+    """--method dense decodes through the kernels with nothing dropped: the
+    reference path's tokens, no thresholds needed, and unsparsify restores."""
+    model, _ = quantized_llama
+    unsparsify(model)
+    prompt = random_windows(1, 9, seed=5)[0]
+    reference_tokens, reference = greedy_tokens(model, prompt, 6)
+    decode_dense(model, kernels=ck)
+    assert isinstance(model.layers[0].mlp.dense.down_proj, QuantizedInputMajorLinear)
+    assert isinstance(model.layers[0].self_attn.k_proj, KernelLinear)
+    tokens, result = greedy_tokens(model, prompt, 6)
+    unsparsify(model)
+    assert type(model.layers[0].mlp.down_proj) is nn.QuantizedLinear
+    assert tokens == reference_tokens
+    np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
+    assert decode_dense(model, kernels=None) is model and type(model.layers[0].mlp) is not SparseMLP
