@@ -615,7 +615,8 @@ def sparsify(
     (and down_proj) are re-laid input-major once (not duplicated) for the
     input-sparse GEMV; every other projection, up_proj under a gate mask and
     the LM head (tied or not) decode through the output GEMV on their own
-    layout. Kernels that have them (the CPU extension's) also run the RMS
+    layout, except quantized projections with short rows, which the CPU
+    extension reads faster re-laid (:func:`dense_input_major`). Kernels that have them (the CPU extension's) also run the RMS
     norms, RoPE and attention of a decode step as single ops
     (:mod:`chess_mlx.decode_ops`), and the model's weights move onto
     transparent huge pages (:func:`weights_to_huge_pages`).
