@@ -326,3 +326,14 @@ def test_decode_dense_runs_the_kernels_and_keeps_every_token(quantized_llama):
     assert tokens == reference_tokens
     np.testing.assert_allclose(np.array(result), np.array(reference), rtol=1e-4, atol=1e-4)
     assert decode_dense(model, kernels=None) is model and type(model.layers[0].mlp) is not SparseMLP
+
+
+def test_decode_dense_leaves_an_unsupported_architecture_as_loaded(quantized_llama):
+    model, _ = quantized_llama
+    unsparsify(model)
+    model.model_type = "not-a-model"
+    try:
+        assert decode_dense(model, kernels=ck) is model
+        assert type(model.layers[0].mlp) is not SparseMLP
+    finally:
+        model.model_type = "llama"
