@@ -237,6 +237,28 @@ template <int DT>
 void to_f32(const void* xv, int64_t n, float* CHESS_MLX_RESTRICT out) {
   using E = Elem<DT>;
   const auto* x = static_cast<const typename E::S*>(xv);
+#if defined(__AVX512F__)
+  // Masked blocks of 16, the last one partial: a quantized row's scales and
+  // biases (under 16 at group 64 below 1024 inputs) fell entirely to the
+  // scalar tail of a 16-wide vector loop, about a sixth of the output GEMV's
+  // time at 960 inputs.
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 v;
+    if constexpr (DT == F32) {
+      v = _mm512_maskz_loadu_ps(m, x + i);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(m, x + i);
+      if constexpr (DT == BF16) {
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        v = _mm512_cvtph_ps(h);
+      }
+    }
+    _mm512_mask_storeu_ps(out + i, m, v);
+  }
+#else
 #if CHESS_MLX_HW_HALF
   if constexpr (DT == F16) {
     half_block_to_f32(x, out, n);
@@ -246,6 +268,7 @@ void to_f32(const void* xv, int64_t n, float* CHESS_MLX_RESTRICT out) {
   for (int64_t i = 0; i < n; ++i) {
     out[i] = E::load(x[i]);
   }
+#endif
 }
 
 // acc[j] += sum over k in [k0, k1) of vals[k] * wt[idx[k] * out + t0 + j]
@@ -710,34 +733,6 @@ inline void with_row_count(int64_t n, Fn fn) {
     case 7: fn(std::integral_constant<int, 7>{}); break;
     default: fn(std::integral_constant<int, 8>{}); break;
   }
-}
-
-// n scales or biases of one row as float32. A row has a few groups (under
-// 16 at group 64 below 1024 inputs), which to_f32's vector loop left to its
-// scalar tail: in the output GEMV at 960 inputs that conversion took about
-// a sixth of the time. AVX-512 converts them in masked blocks of 16.
-template <int SDT>
-inline void row_to_f32(const typename Elem<SDT>::S* p, int64_t n, float* CHESS_MLX_RESTRICT out) {
-#if defined(__AVX512F__)
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    __m512 v;
-    if constexpr (SDT == F32) {
-      v = _mm512_maskz_loadu_ps(m, p + i);
-    } else {
-      const __m256i h = _mm256_maskz_loadu_epi16(m, p + i);
-      if constexpr (SDT == BF16) {
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      } else {
-        v = _mm512_cvtph_ps(h);
-      }
-    }
-    _mm512_mask_storeu_ps(out + i, m, v);
-  }
-#else
-  to_f32<SDT>(p, n, out);
-#endif
 }
 
 // Eight-lane vectors (GCC/Clang vector extensions): the output GEMV's dot
@@ -1411,8 +1406,8 @@ void qvmmsp_rows_bits(
       o[r] = idx[k + r < k1 ? k + r : k1 - 1];
       row[r] = wq + o[r] * row_words;
       float* sf = converted.data() + 2 * r * groups;
-      row_to_f32<SDT>(scales + o[r] * groups, groups, sf);
-      row_to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
+      to_f32<SDT>(scales + o[r] * groups, groups, sf);
+      to_f32<SDT>(biases + o[r] * groups, groups, sf + groups);
       sconv[r] = sf;
     }
     // Quantized rows are short (1 KiB for 2048 4-bit inputs), too short for
