@@ -20,9 +20,10 @@ from . import decode_ops
 from .decode_ops import is_decode
 from .errors import ChessError
 from .quantized import QuantizedInputMajorLinear, kernel_quantization, relayout_ready
+from .thresholds import LayerThresholds, linear_dims
 
 if TYPE_CHECKING:
-    from .thresholds import LayerThresholds, Thresholds
+    from .thresholds import Thresholds
 
 METHODS = ("dense", "cats", "chess", "chess+", "teal", "alloc")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -287,7 +288,7 @@ def dense_input_major(linear: nn.Module, kernels: "DecodeKernels") -> bool:
     return (
         relayout_ready(linear)
         and kernel_ready(linear, kernels)
-        and linear.weight.shape[1] * 32 // linear.bits <= max_in
+        and linear_dims(linear)[0] <= max_in
     )
 
 
@@ -641,8 +642,6 @@ def decode_dense(model: nn.Module, kernels: Optional[DecodeKernels] = "auto") ->
     Needs no thresholds. Without kernels, or for an architecture
     :func:`sparsify` does not support, the model stays as loaded, on MLX's
     own ops (on a CPU many times slower for quantized models)."""
-    from .thresholds import LayerThresholds
-
     try:
         layers = model_layers(model)
     except ChessError:
