@@ -5,12 +5,13 @@
     python -m chess_mlx.bench --short          # CI: under a minute on SmolLM2
 
 End to end: tokens/s of greedy decoding (a short prompt prefilled into a KV
-cache, then single-token steps, each evaluated) for stock mlx-lm (the
-unpatched model), our dense path (patched at sparsity 0: the kernels keep
-every channel) and every method at every sparsity. Each config decodes on
-its own copy of the model (the weights and their re-layouts shared), and
-the configs take turns step by step, so that changing machine load hits
-them alike: speed-ups are medians of step times paired within one turn.
+cache, then single-token steps, pipelined as mlx_lm.generate runs them) for
+stock mlx-lm (the unpatched model), our dense path (patched at sparsity 0:
+the kernels keep every channel) and every method at every sparsity. Each
+config decodes on its own copy of the model (the weights and their
+re-layouts shared), and the configs take turns of a few steps, so that
+changing machine load hits them alike: speed-ups are medians of step times
+paired within one turn.
 Realized sparsity comes from a separate untimed pass. Kernel level: time of
 each projection's sparse GEMV versus the kept fraction of channels, beside
 the ideal (kept fraction times the kernel's time at 1) and MLX's dense
@@ -76,7 +77,8 @@ ALLOCATION_TOKENS = 64
 
 @dataclass
 class Settings:
-    tokens: int = 64  # timed decode steps per rep
+    tokens: int = 64  # timed decode steps per rep (rounded up to whole turns)
+    turn_steps: int = 4  # decode steps each config runs per turn
     reps: int = 5
     warmup: int = 2  # untimed decode steps before each timed run
     prompt_tokens: int = 16  # models without a tokenizer get this many random ids
@@ -87,9 +89,6 @@ class Settings:
     cold_bytes: int = 256 << 20
     calibration_windows: Tuple[int, int] = (4, 512)  # count, tokens each
 
-
-# Every this many turns the decode timing also replays each config's GEMVs.
-REPLAY_EVERY = 4
 
 SHORT = Settings(tokens=4, reps=2, warmup=0, kernel_reps=2, kept=(0.0, 0.5, 1.0),
                  cold_bytes=32 << 20, calibration_windows=(2, 64))
@@ -371,34 +370,53 @@ def swap_kernels(model: nn.Module, old, new):
             module._kernels = new
 
 
+def pipelined_steps(model: nn.Module, cache: list, y: mx.array, steps: int) -> Tuple[float, mx.array]:
+    """Seconds per step of ``steps`` decode steps run as mlx_lm.generate runs
+    them: each step's graph is built while the step before evaluates
+    (``mx.async_eval``). The first step's graph is built before the clock
+    starts, as it would have been during the step before in a running
+    generation."""
+    following = greedy(model(y[:, None], cache=cache))
+    start = time.perf_counter()
+    mx.async_eval(following)
+    for step in range(steps):
+        y = following
+        if step + 1 < steps:
+            following = greedy(model(y[:, None], cache=cache))
+            mx.async_eval(following)
+        mx.eval(y)  # where generate reads the token
+    return (time.perf_counter() - start) / steps, y
+
+
+def turns(settings: Settings) -> int:
+    return -(-settings.tokens // settings.turn_steps)
+
+
 def interleaved_step_times(
     models: Sequence[nn.Module], prompt: mx.array, settings: Settings,
     step_calls: Optional[Sequence[Optional[list]]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Seconds of each timed decode step, ``[steps, models]``: every model
-    prefills and warms up, then the models take turns, one step each, in
-    reverse order every other turn. Every
-    REPLAY_EVERY-th turn also replays each model's recorded GEMV calls
-    (``step_calls``) right after the steps, so a step and its GEMVs alone
-    are timed moments apart; their seconds come second (NaN elsewhere)."""
+    """Seconds per decode step, ``[turns, models]``: every model prefills
+    and warms up, then the models take turns, ``settings.turn_steps``
+    pipelined steps each (:func:`pipelined_steps`), in reverse order every
+    other turn. After each turn, each model's recorded GEMV calls
+    (``step_calls``) are replayed, so a step and its GEMVs alone are timed
+    moments apart; their seconds come second (NaN without calls)."""
     states = []
     for model in models:
         cache, y = prefill(model, prompt)
         states.append([cache, decode_steps(model, cache, y, settings.warmup)])
-    times = np.zeros((settings.tokens, len(models)))
-    replays = np.full((settings.tokens, len(models)), np.nan)
-    for step in range(settings.tokens):
+    times = np.zeros((turns(settings), len(models)))
+    replays = np.full((turns(settings), len(models)), np.nan)
+    for turn in range(turns(settings)):
         # Every other turn in reverse order: no config always goes first.
-        order = range(len(models)) if step % 2 == 0 else reversed(range(len(models)))
+        order = range(len(models)) if turn % 2 == 0 else reversed(range(len(models)))
         for i in order:
             model, state = models[i], states[i]
-            start = time.perf_counter()
-            state[1] = decode_steps(model, state[0], state[1], 1)
-            times[step, i] = time.perf_counter() - start
-        if step_calls is not None and step % REPLAY_EVERY == 0:
-            for i, calls in enumerate(step_calls):
-                if calls:
-                    replays[step, i] = replay_seconds(calls)
+            times[turn, i], state[1] = pipelined_steps(model, state[0], state[1], settings.turn_steps)
+        for i, calls in enumerate(step_calls or ()):
+            if calls:
+                replays[turn, i] = replay_seconds(calls)
     return times, replays
 
 
@@ -406,7 +424,7 @@ def rep_step_times(
     configs: Sequence[Config], models: Dict[Config, nn.Module], step_calls: Dict[Config, list],
     prompt: mx.array, settings: Settings,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """One rep of :func:`interleaved_step_times` for ``configs``, ``[steps,
+    """One rep of :func:`interleaved_step_times` for ``configs``, ``[turns,
     configs]``: our configs take turns with each other, and stock mlx-lm
     runs its steps in a block of its own. In the turns, its long steps
     (about 0.85 s on the 4-bit 1B model) slowed the step that came next,
@@ -414,8 +432,8 @@ def rep_step_times(
     about 1.18 to 1.22 (ad hoc A/B, README)."""
     ours = [c for c in configs if c.method != STOCK]
     alone = [c for c in configs if c.method == STOCK]
-    times = np.zeros((settings.tokens, len(configs)))
-    replays = np.full((settings.tokens, len(configs)), np.nan)
+    times = np.zeros((turns(settings), len(configs)))
+    replays = np.full((turns(settings), len(configs)), np.nan)
     for group in (ours, alone):
         if not group:
             continue
@@ -526,7 +544,7 @@ def bench_decode(
     stock, dense = steps[:, 0], steps[:, 1]
     rows = []
     for i, config in enumerate(configs):
-        tps = np.array([settings.tokens / t[:, i].sum() for t in times])
+        tps = np.array([1.0 / t[:, i].mean() for t in times])
         dense_row = config.method in (STOCK, DENSE)
         rows.append({
             "config": config.name,

@@ -212,11 +212,11 @@ def test_stock_steps_run_in_a_block_of_their_own(monkeypatch):
 
     def fake_times(group, prompt, settings, calls):
         groups.append(group)
-        return (np.full((settings.tokens, len(group)), float(len(groups))),
-                np.full((settings.tokens, len(group)), np.nan))
+        return (np.full((bench.turns(settings), len(group)), float(len(groups))),
+                np.full((bench.turns(settings), len(group)), np.nan))
 
     monkeypatch.setattr(bench, "interleaved_step_times", fake_times)
-    times, _ = bench.rep_step_times(configs, models, {}, None, bench.Settings(tokens=3))
+    times, _ = bench.rep_step_times(configs, models, {}, None, bench.Settings(tokens=12, turn_steps=4))
     stock = models[configs[0]]
     assert [stock in g for g in groups] == [False, True] and groups[1] == [stock]
     assert times[:, 0].tolist() == [2.0] * 3 and (times[:, 1:] == 1.0).all()
@@ -225,7 +225,23 @@ def test_stock_steps_run_in_a_block_of_their_own(monkeypatch):
 def test_turns_alternate_their_order(monkeypatch):
     order = []
     monkeypatch.setattr(bench, "prefill", lambda model, prompt: (None, 0))
-    monkeypatch.setattr(bench, "decode_steps", lambda model, cache, y, steps: order.append(model) or y)
-    times, _ = bench.interleaved_step_times(["a", "b", "c"], None, bench.Settings(tokens=3, warmup=0))
-    assert order[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # after one warm-up call each
-    assert times.shape == (3, 3)
+    monkeypatch.setattr(bench, "decode_steps", lambda model, cache, y, steps: y)
+    monkeypatch.setattr(bench, "pipelined_steps", lambda model, cache, y, steps: order.append((model, steps)) or (0.1, y))
+    # 5 tokens round up to 3 turns of 2 steps
+    times, _ = bench.interleaved_step_times(["a", "b", "c"], None, bench.Settings(tokens=5, turn_steps=2, warmup=0))
+    assert [m for m, _ in order] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert {steps for _, steps in order} == {2} and times.shape == (3, 3)
+
+
+def test_pipelined_steps_decode_the_tokens_of_synchronous_steps():
+    model = bench.random_model(TINY)
+    prompt = mx.array(random_windows(1, 8, seed=3)[0])
+    runs = {}
+    for name, run in (("sync", lambda c, y: bench.decode_steps(model, c, y, 5)),
+                      ("pipelined", lambda c, y: bench.pipelined_steps(model, c, y, 5)[1])):
+        cache, y = bench.prefill(model, prompt)
+        runs[name] = run(cache, y), cache
+    (y_sync, cache_sync), (y_pipe, cache_pipe) = runs["sync"], runs["pipelined"]
+    assert y_sync.item() == y_pipe.item() and cache_pipe[-1].offset == prompt.size + 5
+    # the keys of every step's token, not only the last one's
+    assert all(mx.array_equal(a.state[0], b.state[0]) for a, b in zip(cache_sync, cache_pipe))
