@@ -957,7 +957,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Comma-separated target sparsities (every method but alloc)")
     parser.add_argument("--speedup", default="1.25,1.35,1.5",
                         help="Comma-separated target ideal speed-ups of the searched allocations (method alloc)")
-    parser.add_argument("--tokens", type=int, default=None, help="Timed decode steps per rep (default 64)")
+    parser.add_argument("--tokens", type=int, default=None, help="Timed decode steps per rep, in turns of 4 (default 64)")
     parser.add_argument("--reps", type=int, default=None, help="Interleaved repetitions of every config (default 5)")
     parser.add_argument("--kernel-reps", type=int, default=None, help="Repetitions of every kernel timing (default 10)")
     parser.add_argument("--output", default=None, help="Write the results as JSON here")
