@@ -1,15 +1,19 @@
-// What scattered rows cost this machine's memory system, with no arithmetic.
+// What scattered rows cost this machine's memory system.
 //
 //   g++ -O2 -march=native -pthread scripts/row_reads.cpp -o row_reads && ./row_reads
-//   ./row_reads 2048      # rows of 2 KiB (default 1024: a 2048-wide 4-bit row)
+//   ./row_reads 2048          # rows of 2 KiB (default 1024: a 2048-wide 4-bit row)
+//   ./row_reads 1024 arith    # with the input-sparse 4-bit GEMV's arithmetic
 //
 // Two threads read rows of a matrix (8 MiB, 32 copies so the last-level cache
-// holds none) the way the input-sparse GEMVs read kept rows: 64-byte loads,
-// each line of the row 8 kept rows ahead prefetched as a line of this one is
-// read. Placements of the rows read: all, a random half (as CHESS's
-// per-channel masks keep them), runs of 8 rows, the first half. Prints the
-// median microseconds per matrix and the median of its time over reading
-// every row in the same rep.
+// holds none) the way the input-sparse GEMVs read kept rows: 64-byte lines,
+// each line of a row read while the same line of a row 8 kept rows ahead is
+// prefetched. Plain: one row after the other, each line only summed.
+// arith (AVX-512 only): as the kernel, passes of 8 rows read line by line,
+// each line's 128 codes unpacked, converted to floats and multiplied into
+// the even/odd sums of their outputs. Placements of the rows read:
+// all, a random half (as CHESS's per-channel masks keep them), runs of 8
+// rows, the first half. Prints the median microseconds per matrix and the
+// median of its time over reading every row in the same rep.
 #include <immintrin.h>
 #include <sys/mman.h>
 
@@ -52,6 +56,42 @@ uint32_t read_rows(const char* base, const int* idx, int n, size_t row_bytes) {
   return sum;
 }
 
+#if defined(__AVX512F__)
+// The rows idx[0..n) in passes of kAhead rows, as the input-sparse 4-bit GEMV
+// reads them: line by line across the pass's rows, the next pass's lines
+// prefetched meanwhile, every 16 bytes of codes unpacked, converted and
+// multiplied into the even/odd sums of their 32 outputs (float32, in L1).
+uint32_t read_rows_arith(const char* base, const int* idx, int n, size_t row_bytes) {
+  static thread_local std::vector<float> sums;
+  sums.assign(2 * row_bytes, 0.0f);  // two 4-bit codes a byte
+  for (int k = 0; k < n; k += kAhead) {
+    const int rows = n - k < kAhead ? n - k : kAhead;
+    for (size_t line = 0; line < row_bytes; line += 64) {
+      for (int r = k + kAhead; r < k + 2 * kAhead && r < n; ++r) {
+        _mm_prefetch(base + idx[r] * row_bytes + line, _MM_HINT_T0);
+      }
+      for (size_t q = line; q < line + 64; q += 16) {
+        float* out = sums.data() + 2 * q;
+        __m512 even = _mm512_loadu_ps(out);
+        __m512 odd = _mm512_loadu_ps(out + 16);
+        for (int r = 0; r < rows; ++r) {
+          const char* codes = base + idx[k + r] * row_bytes + q;
+          const __m512 v = _mm512_set1_ps(1e-3f * static_cast<float>(r + 1));
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+          even = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), even);
+          odd = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), odd);
+        }
+        _mm512_storeu_ps(out, even);
+        _mm512_storeu_ps(out + 16, odd);
+      }
+    }
+  }
+  float total = 0;
+  for (float sum : sums) total += sum;
+  return static_cast<uint32_t>(total);
+}
+#endif
+
 std::vector<int> placement(const char* name, int rows, std::mt19937& rng) {
   std::vector<int> idx;
   if (std::strcmp(name, "all") == 0) {
@@ -84,6 +124,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "row bytes must be a multiple of 64 from 64 to %zu\n", kMatrixBytes / 16);
     return 2;
   }
+  const bool arith = argc > 2 && std::strcmp(argv[2], "arith") == 0;
+  if (argc > 2 && !arith) {
+    std::fprintf(stderr, "the second argument is 'arith' or nothing\n");
+    return 2;
+  }
+#if defined(__AVX512F__)
+  const auto read = arith ? read_rows_arith : read_rows;
+#else
+  if (arith) {
+    std::fprintf(stderr, "arith needs AVX-512\n");
+    return 2;
+  }
+  const auto read = read_rows;
+#endif
   const int rows = static_cast<int>(kMatrixBytes / row_bytes);
   const size_t bytes = kMatrixBytes * kCopies;
   char* buffer = static_cast<char*>(std::aligned_alloc(2 << 20, bytes));
@@ -108,7 +162,7 @@ int main(int argc, char** argv) {
         for (int c = 0; c < kCopies; ++c) {
           const int n = static_cast<int>(idx[p][c].size());
           const int begin = half == 0 ? 0 : n / 2, end = half == 0 ? n / 2 : n;
-          sums[half] += read_rows(buffer + c * kMatrixBytes, idx[p][c].data() + begin, end - begin, row_bytes);
+          sums[half] += read(buffer + c * kMatrixBytes, idx[p][c].data() + begin, end - begin, row_bytes);
         }
       };
       std::thread other(work, 1);
@@ -127,7 +181,7 @@ int main(int argc, char** argv) {
     std::vector<double> ratio;
     for (int rep = 0; rep < kReps; ++rep) ratio.push_back(us[p][rep] / us[0][rep]);
     const double m = median(us[p]);
-    std::printf("%4zu-byte rows, %-11s %7.1f us per 8 MiB matrix, %.2f of all (%.1f GB/s)\n", row_bytes, names[p], m,
+    std::printf("%s%4zu-byte rows, %-11s %7.1f us per 8 MiB matrix, %.2f of all (%.1f GB/s)\n", arith ? "arith, " : "", row_bytes, names[p], m,
                 median(ratio), idx[p][0].size() * row_bytes / m / 1e3);
   }
   std::free(buffer);
