@@ -44,14 +44,14 @@ def kept_half(n: int, placement: str, run_length: int, rng: np.random.Generator)
 
 def fixed_masks(model, placement: str, run_length: int, kernels, seed: int = 0):
     rng = np.random.default_rng(seed)
-    args = model.args
+    args, layers = model.args, model_layers(model)
     plans = [
         LayerThresholds(gate=kept_half(args.intermediate_size, placement, run_length, rng),
                         q_in=kept_half(args.hidden_size, placement, run_length, rng),
                         o_in=kept_half(args.hidden_size, placement, run_length, rng))
-        for _ in model_layers(model)
+        for _ in layers
     ]
-    return patch_layers(model, model_layers(model), plans, None, kernels)
+    return patch_layers(model, layers, plans, None, kernels)
 
 
 def main():
